@@ -1,0 +1,89 @@
+//! Smooth weighted round-robin (nginx's algorithm): each pick adds every backend's weight to its
+//! current score, takes the highest, and subtracts the total from the winner. With weights 5:1:1
+//! this gives `a a b a c a a` rather than five `a` in a row.
+
+use crate::{Backend, BackendId};
+
+/// Round-robin state of one worker for one listener.
+#[derive(Debug, Clone)]
+pub struct RoundRobin {
+    current: Vec<i64>,
+}
+
+impl RoundRobin {
+    /// `offset` rotates the starting point so that workers do not move in lockstep.
+    pub fn new(backends: &[Backend], offset: usize) -> Self {
+        let mut rr = RoundRobin { current: vec![0; backends.len()] };
+        for _ in 0..offset % backends.len().max(1) {
+            rr.pick(backends, &[]);
+        }
+        rr
+    }
+
+    /// The next backend, skipping weight 0 and `exclude`. `None` when none is eligible.
+    pub fn pick(&mut self, backends: &[Backend], exclude: &[BackendId]) -> Option<BackendId> {
+        if self.current.len() != backends.len() {
+            self.current = vec![0; backends.len()];
+        }
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, backend) in backends.iter().enumerate() {
+            if backend.weight == 0 || exclude.contains(&backend.id) {
+                continue;
+            }
+            let weight = i64::from(backend.weight);
+            self.current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        self.current[best] -= total;
+        Some(backends[best].id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn backends(weights: &[u16]) -> Vec<Backend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Backend {
+                id: BackendId(i as u32),
+                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                weight,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equal_weights_cycle_in_list_order() {
+        let b = backends(&[1, 1, 1]);
+        let mut rr = RoundRobin::new(&b, 0);
+        let got: Vec<u32> = (0..6).map(|_| rr.pick(&b, &[]).unwrap().0).collect();
+        assert_eq!(got, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn smooth_weights_5_1_1_match_nginx_sequence() {
+        // nginx's documented sequence for weights 5, 1, 1: a a b a c a a.
+        let b = backends(&[5, 1, 1]);
+        let mut rr = RoundRobin::new(&b, 0);
+        let got: Vec<u32> = (0..7).map(|_| rr.pick(&b, &[]).unwrap().0).collect();
+        assert_eq!(got, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn weight_zero_takes_nothing_and_offset_rotates() {
+        let b = backends(&[1, 0, 1]);
+        let mut rr = RoundRobin::new(&b, 1);
+        let got: Vec<u32> = (0..4).map(|_| rr.pick(&b, &[]).unwrap().0).collect();
+        assert_eq!(got, vec![2, 0, 2, 0]);
+        assert_eq!(rr.pick(&backends(&[0, 0]), &[]), None);
+    }
+}

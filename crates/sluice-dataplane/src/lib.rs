@@ -1,1 +1,221 @@
-//! TODO
+//! Sluice's data plane: worker threads, one io_uring ring each, forwarding TCP connections.
+//!
+//! [`start`] spawns `workers` threads. Each pins itself to a CPU, sets up its own ring and
+//! buffer pool, binds its own SO_REUSEPORT socket for every listener, and runs a completion
+//! loop that drives one `sluice_conn::Conn` per proxied connection. Workers share nothing
+//! mutable on the data path: they read the current `sluice_balance::Snapshot` (lock-free), touch
+//! one shared atomic per connection open and close (the `max_connections` caps) and write their
+//! own counters.
+//!
+//! It does not parse configuration, serve metrics or handle signals: the binary builds a
+//! [`PlaneConfig`], calls [`start`], and uses the returned [`DataPlane`] to wake, drain, close
+//! and read counters.
+//!
+//! Main types: [`PlaneConfig`], [`ListenerPlan`], [`DataPlane`], [`WorkerCounters`].
+
+mod counters;
+mod sockets;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use sluice_balance::SnapshotCell;
+
+pub use counters::{BackendCounters, Counter, ListenerCounters, WorkerCounters};
+pub use sluice_conn::{CloseKind, Limits};
+pub use sockets::{connections_for_budget, raise_fd_limit};
+pub use worker::RESET_LINGER;
+
+/// What to do with a new connection beyond `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMaxConnections {
+    /// Stop accepting: new connections wait in the kernel backlog.
+    Queue,
+    /// Accept and reset at once, counted as rejected.
+    Reject,
+}
+
+/// One listener as the data plane runs it.
+#[derive(Debug, Clone)]
+pub struct ListenerPlan {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub limits: Limits,
+    /// Cap on this listener's open connections across all workers.
+    pub max_connections: u32,
+    pub on_max_connections: OnMaxConnections,
+}
+
+/// Everything [`start`] needs.
+#[derive(Debug, Clone)]
+pub struct PlaneConfig {
+    pub workers: usize,
+    pub listeners: Vec<ListenerPlan>,
+    /// Cap on open connections of the whole process, derived from the fd budget.
+    pub connections_max_total: u32,
+    /// Pin worker `i` to the `i`-th allowed CPU.
+    pub pin_workers: bool,
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// io_uring is missing or blocked (exit status 69).
+    #[error(transparent)]
+    Uring(#[from] sluice_uring::SetupError),
+    /// An OS error while binding or setting up (exit status 71).
+    #[error("{context}: {source}")]
+    Os {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// The running workers.
+#[derive(Debug)]
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    wakers: Vec<Arc<EventFd>>,
+    threads: Vec<JoinHandle<()>>,
+    counters: Vec<Arc<WorkerCounters>>,
+}
+
+/// Phases of the whole data plane, in order; workers read it after every batch.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSING: u8 = 2;
+
+/// State shared by the control plane and every worker (read per batch, written rarely).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    phase: AtomicU8,
+    snapshots: Arc<SnapshotCell>,
+    /// Open connections per listener, across workers (one atomic op per open and close).
+    listener_active: Vec<AtomicU32>,
+    total_active: AtomicU32,
+    /// Last time an EMFILE was logged, in ms since start: at most one line a second.
+    emfile_logged_ms: AtomicU64,
+    started: std::time::Instant,
+}
+
+impl DataPlane {
+    /// Wakes every worker: after a snapshot was published or the phase changed.
+    pub fn wake(&self) {
+        for waker in &self.wakers {
+            let _ = waker.write(1);
+        }
+    }
+
+    /// Stops accepting; workers exit once their connections are done.
+    pub fn drain(&self) {
+        self.shared.phase.fetch_max(DRAINING, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Closes every connection now (end of `shutdown_timeout`, or a second signal).
+    pub fn close_all(&self) {
+        self.shared.phase.store(CLOSING, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Open connections across all workers and listeners.
+    pub fn active_connections(&self) -> u32 {
+        self.shared.total_active.load(Ordering::Relaxed)
+    }
+
+    /// Each worker's counters, to be summed by the reader.
+    pub fn counters(&self) -> &[Arc<WorkerCounters>] {
+        &self.counters
+    }
+
+    /// True once every worker thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Waits for every worker thread to exit.
+    pub fn join(self) {
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+}
+
+/// Starts the workers; returns once every worker has bound its listeners and armed accept,
+/// or with the first error (after stopping the workers that did start).
+pub fn start(config: PlaneConfig, snapshots: Arc<SnapshotCell>) -> Result<DataPlane, StartError> {
+    let snapshot = snapshots.load();
+    let backends_per_listener: Vec<usize> = snapshot
+        .listeners
+        .iter()
+        .map(|l| l.backends.len())
+        .collect();
+    let shared = Arc::new(Shared {
+        phase: AtomicU8::new(RUNNING),
+        snapshots,
+        listener_active: config.listeners.iter().map(|_| AtomicU32::new(0)).collect(),
+        total_active: AtomicU32::new(0),
+        emfile_logged_ms: AtomicU64::new(0),
+        started: std::time::Instant::now(),
+    });
+    let config = Arc::new(config);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, StartError>>();
+    let mut plane = DataPlane {
+        shared: shared.clone(),
+        wakers: vec![],
+        threads: vec![],
+        counters: vec![],
+    };
+    for index in 0..config.workers {
+        let waker =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map(Arc::new)
+                .map_err(|e| StartError::Os {
+                    context: "eventfd".into(),
+                    source: e.into(),
+                })?;
+        let counters = Arc::new(WorkerCounters::new(&backends_per_listener));
+        let args = worker::WorkerArgs {
+            index,
+            config: config.clone(),
+            shared: shared.clone(),
+            waker: waker.clone(),
+            counters: counters.clone(),
+        };
+        let ready = ready_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("sluice-worker-{index}"))
+            .spawn(move || worker::run(args, ready))
+            .map_err(|e| StartError::Os {
+                context: "spawning a worker thread".into(),
+                source: e,
+            })?;
+        plane.wakers.push(waker);
+        plane.threads.push(thread);
+        plane.counters.push(counters);
+    }
+    drop(ready_tx);
+    for _ in 0..config.workers {
+        let result = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                Err(StartError::Os {
+                    context: "waiting for the workers".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                })
+            });
+        if let Err(e) = result {
+            plane.close_all();
+            plane.join();
+            return Err(e);
+        }
+    }
+    Ok(plane)
+}

@@ -1,1 +1,52 @@
-//! TODO
+//! The only crate of Sluice that contains `unsafe`: a small io_uring wrapper for the workers.
+//!
+//! [`Uring`] owns one ring and one provided-buffer ring ([`BufferPool`]) and offers safe methods
+//! that queue the operations the data plane needs (multishot accept, buffer-select receive, send
+//! from a pool buffer, connect, cancel, multishot poll). The memory the kernel reads or writes
+//! (pool buffers, connect addresses) is owned by `Uring` and outlives the ring: the ring is
+//! declared, and so dropped, first. [`unacked_bytes`] reads SIOCOUTQ.
+//!
+//! It does not decide anything: no state, no policy, no timers. Completions come back as plain
+//! [`Completion`] values; the caller encodes what an operation was in its `user_data`.
+
+mod pool;
+mod ring;
+
+pub use pool::BufferPool;
+pub use ring::{Completion, Features, SetupError, Uring};
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Bytes written to a TCP socket that its peer has not acknowledged yet, plus bytes not sent
+/// yet (SIOCOUTQ). Zero means everything written has been acknowledged.
+pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which points to a
+    // live, properly aligned c_int on this stack frame; the fd is borrowed, so it is open.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TIOCOUTQ,
+            &mut value as *mut libc::c_int,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.max(0) as u32)
+}
+
+/// Takes ownership of the descriptor an accept completion returned (`result >= 0`).
+///
+/// # Panics
+/// If `fd` is negative: the caller passes only successful accept results.
+pub fn take_accepted_fd(fd: i32) -> OwnedFd {
+    assert!(
+        fd >= 0,
+        "accept results below zero are errors, not descriptors"
+    );
+    // SAFETY: a successful accept completion's result is a descriptor the kernel just created
+    // for this process; nothing else owns it, so it is closed exactly once, by the OwnedFd.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

@@ -1,0 +1,679 @@
+//! Walks the YAML tree by hand, builds a [`Config`] and collects every error on the way.
+//!
+//! A derived `Deserialize` stops at the first problem; users fixing a file want all of
+//! them at once (an unknown field *and* the missing one it was probably meant to be), so
+//! each check here records its error and carries on with a placeholder value.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::tree::{Node, Value};
+use crate::{
+    Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, Listener,
+    Location, OnMaxConnections, Protocol, Timeouts, Workers, scalar,
+};
+
+/// Checks the whole document and returns the config, or every error found.
+pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, ConfigErrors> {
+    let mut walker = Walker {
+        file,
+        errors: Vec::new(),
+    };
+    let config = walker.config(root);
+    if walker.errors.is_empty() {
+        return Ok(config);
+    }
+    walker.errors.sort_by_key(|e| (e.line, e.column));
+    Err(ConfigErrors(walker.errors))
+}
+
+/// The keys a mapping may hold: those this crate implements, and those from the design's
+/// reference that are accepted by the schema but rejected as not yet supported.
+struct Schema {
+    supported: &'static [&'static str],
+    unsupported: &'static [&'static str],
+}
+
+const TOP: Schema = Schema {
+    supported: &["workers", "shutdown_timeout", "admin", "listeners"],
+    unsupported: &[],
+};
+
+const ADMIN: Schema = Schema {
+    supported: &["bind"],
+    unsupported: &[],
+};
+
+const LISTENER: Schema = Schema {
+    supported: &[
+        "name",
+        "protocol",
+        "bind",
+        "algorithm",
+        "backends",
+        "timeouts",
+        "max_connections",
+        "on_max_connections",
+        "retries",
+    ],
+    unsupported: &[
+        "hash_key",
+        "maglev",
+        "ring_hash",
+        "health",
+        "passive",
+        "on_all_down",
+        "slow_start",
+        "drain_timeout",
+        "max_sessions",
+        "on_max_sessions",
+        "responses",
+        "requests",
+        "per_packet",
+    ],
+};
+
+const BACKEND: Schema = Schema {
+    supported: &["address", "weight"],
+    unsupported: &["backup"],
+};
+
+const TIMEOUTS: Schema = Schema {
+    supported: &["connect", "idle", "half_close"],
+    unsupported: &[],
+};
+
+const ALGORITHMS_SUPPORTED: &[&str] = &["round_robin"];
+const ALGORITHMS_LATER: &[&str] = &[
+    "least_connections",
+    "random",
+    "power_of_two",
+    "ring_hash",
+    "maglev",
+];
+
+const WORKERS_MAX: i128 = 1024;
+const WEIGHT_MAX: i128 = 1000;
+
+/// Defaults, as documented in DESIGN.md's reference.
+const TIMEOUTS_DEFAULT: Timeouts = Timeouts {
+    connect: Duration::from_secs(2),
+    idle: Duration::ZERO,
+    half_close: Duration::from_secs(60),
+};
+const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+const RETRIES_DEFAULT: u32 = 2;
+const WEIGHT_DEFAULT: u16 = 1;
+
+/// The protocol as written, including those not supported yet, so that duplicate binds
+/// can tell a tcp listener from a udp one on the same address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProtocolName {
+    Tcp,
+    Udp,
+}
+
+/// What the cross-listener checks need to know about one listener.
+struct Seen {
+    start: Location,
+    name: Option<(String, Location)>,
+    bind: Option<(ProtocolName, SocketAddr, Location)>,
+}
+
+/// A mapping's entries, looked up by key.
+struct Fields<'n> {
+    entries: Vec<(&'n str, &'n Node)>,
+    location: Location,
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, key: &str) -> Option<&'n Node> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, node)| *node)
+    }
+}
+
+struct Walker<'f> {
+    file: &'f Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Walker<'_> {
+    fn config(&mut self, root: &Node) -> Config {
+        let mut config = Config {
+            workers: Workers::Auto,
+            shutdown_timeout: SHUTDOWN_TIMEOUT_DEFAULT,
+            admin: None,
+            listeners: Vec::new(),
+        };
+        if root.value == Value::Null {
+            self.error(
+                root.location,
+                "",
+                "the file is empty; expected a mapping with at least `listeners`",
+            );
+            return config;
+        }
+        let Some(fields) = self.mapping(root, "", &TOP) else {
+            return config;
+        };
+        if let Some(node) = fields.get("workers") {
+            config.workers = self.workers(node).unwrap_or(Workers::Auto);
+        }
+        if let Some(node) = fields.get("shutdown_timeout") {
+            config.shutdown_timeout = self.duration(node, "shutdown_timeout").unwrap_or_default();
+        }
+        if let Some(node) = fields.get("admin") {
+            config.admin = self.admin(node);
+        }
+        match fields.get("listeners") {
+            Some(node) => config.listeners = self.listeners(node),
+            None => self.missing(fields.location, "listeners", "a list of listeners"),
+        }
+        config
+    }
+
+    fn workers(&mut self, node: &Node) -> Option<Workers> {
+        let expected = format!("\"auto\" or an integer between 1 and {WORKERS_MAX}");
+        match &node.value {
+            Value::Str(s) if s == "auto" => Some(Workers::Auto),
+            Value::Int(n) if (1..=WORKERS_MAX).contains(n) => usize::try_from(*n)
+                .ok()
+                .and_then(NonZeroUsize::new)
+                .map(Workers::Count),
+            Value::Int(n) => {
+                self.error(
+                    node.location,
+                    "workers",
+                    format!("expected {expected}, found {n}"),
+                );
+                None
+            }
+            Value::Str(s) => {
+                let message = format!("expected {expected}, found {s:?}");
+                self.error(node.location, "workers", message);
+                None
+            }
+            _ => self.expected(node, "workers", &expected),
+        }
+    }
+
+    fn admin(&mut self, node: &Node) -> Option<Admin> {
+        let fields = self.mapping(node, "admin", &ADMIN)?;
+        let Some(bind) = fields.get("bind") else {
+            self.missing(
+                fields.location,
+                "admin.bind",
+                "an address like \"127.0.0.1:9900\"",
+            );
+            return None;
+        };
+        let text = self.string(bind, "admin.bind")?;
+        match scalar::bind(text) {
+            Ok(bind) => Some(Admin { bind }),
+            Err(message) => {
+                self.error(bind.location, "admin.bind", message);
+                None
+            }
+        }
+    }
+
+    fn listeners(&mut self, node: &Node) -> Vec<Listener> {
+        let Value::Seq(items) = &node.value else {
+            self.expected::<()>(node, "listeners", "a list of listeners");
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.error(
+                node.location,
+                "listeners",
+                "at least one listener is required",
+            );
+        }
+        let mut listeners = Vec::with_capacity(items.len());
+        let mut seen: Vec<Seen> = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let path = format!("listeners[{index}]");
+            let Some((listener, this)) = self.listener(item, &path) else {
+                continue;
+            };
+            self.check_duplicates(&path, &this, &seen);
+            listeners.push(listener);
+            seen.push(this);
+        }
+        listeners
+    }
+
+    /// Reports a name or a bind already used by an earlier listener, at the later one.
+    fn check_duplicates(&mut self, path: &str, this: &Seen, seen: &[Seen]) {
+        if let Some((name, at)) = &this.name
+            && let Some(first) = seen
+                .iter()
+                .find(|s| s.name.as_ref().is_some_and(|(n, _)| n == name))
+        {
+            let line = first
+                .name
+                .as_ref()
+                .map_or(first.start.line, |(_, l)| l.line);
+            let message = format!("duplicate listener name {name:?}, already used at line {line}");
+            self.error(*at, format!("{path}.name"), message);
+        }
+        // Port 0 asks the kernel for any free port, so two such binds never collide.
+        if let Some((protocol, address, at)) = this.bind
+            && address.port() != 0
+            && let Some(first) = seen.iter().find(|s| {
+                s.bind
+                    .is_some_and(|(p, a, _)| p == protocol && a == address)
+            })
+        {
+            let owner = match &first.name {
+                Some((name, _)) => format!("listener {name:?}"),
+                None => "another listener".to_owned(),
+            };
+            let protocol = match protocol {
+                ProtocolName::Tcp => "tcp",
+                ProtocolName::Udp => "udp",
+            };
+            let message = format!(
+                "{protocol} {address} is already bound by {owner} at line {}",
+                first.start.line
+            );
+            self.error(at, format!("{path}.bind"), message);
+        }
+    }
+
+    fn listener(&mut self, node: &Node, path: &str) -> Option<(Listener, Seen)> {
+        let fields = self.mapping(node, path, &LISTENER)?;
+        let mut listener = Listener {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            algorithm: Algorithm::RoundRobin,
+            backends: Vec::new(),
+            timeouts: TIMEOUTS_DEFAULT,
+            max_connections: 0,
+            on_max_connections: OnMaxConnections::Queue,
+            retries: RETRIES_DEFAULT,
+            location: node.location,
+        };
+        let seen = self.listener_identity(&fields, path, &mut listener);
+        self.listener_forwarding(&fields, path, &mut listener);
+        Some((listener, seen))
+    }
+
+    /// Reads what identifies a listener (name, protocol, bind), which must be unique.
+    fn listener_identity(&mut self, fields: &Fields, path: &str, listener: &mut Listener) -> Seen {
+        let mut seen = Seen {
+            start: listener.location,
+            name: None,
+            bind: None,
+        };
+        match fields.get("name") {
+            Some(name) => {
+                if let Some(text) = self.name(name, &format!("{path}.name")) {
+                    listener.name = text.to_owned();
+                    seen.name = Some((listener.name.clone(), name.location));
+                }
+            }
+            None => self.missing(fields.location, &format!("{path}.name"), "a unique name"),
+        }
+        let protocol = match fields.get("protocol") {
+            Some(node) => self.protocol(node, &format!("{path}.protocol")),
+            None => Some(ProtocolName::Tcp),
+        };
+        let field = format!("{path}.bind");
+        match fields.get("bind") {
+            Some(bind) => {
+                if let Some(address) = self.bind(bind, &field) {
+                    listener.bind = address;
+                    seen.bind = protocol.map(|p| (p, address, bind.location));
+                }
+            }
+            None => self.missing(fields.location, &field, "an address like \"0.0.0.0:6379\""),
+        }
+        seen
+    }
+
+    /// Reads how a listener forwards: backends, algorithm, timeouts and limits.
+    fn listener_forwarding(&mut self, fields: &Fields, path: &str, listener: &mut Listener) {
+        if let Some(node) = fields.get("algorithm") {
+            let field = format!("{path}.algorithm");
+            listener.algorithm = self
+                .algorithm(node, &field)
+                .unwrap_or(Algorithm::RoundRobin);
+        }
+        let field = format!("{path}.backends");
+        match fields.get("backends") {
+            Some(node) => listener.backends = self.backends(node, &field),
+            None => self.missing(fields.location, &field, "a list of backends"),
+        }
+        if let Some(node) = fields.get("timeouts") {
+            listener.timeouts = self.timeouts(node, &format!("{path}.timeouts"));
+        }
+        if let Some(node) = fields.get("max_connections") {
+            let field = format!("{path}.max_connections");
+            listener.max_connections = self.u32(node, &field).unwrap_or_default();
+        }
+        if let Some(node) = fields.get("on_max_connections") {
+            let field = format!("{path}.on_max_connections");
+            listener.on_max_connections = match self.choice(node, &field, &["queue", "reject"]) {
+                Some("reject") => OnMaxConnections::Reject,
+                _ => OnMaxConnections::Queue,
+            };
+        }
+        if let Some(node) = fields.get("retries") {
+            let field = format!("{path}.retries");
+            listener.retries = self.u32(node, &field).unwrap_or_default();
+        }
+    }
+
+    /// Names show up in logs, metrics and admin URLs, so they are kept to a plain alphabet.
+    fn name<'n>(&mut self, node: &'n Node, field: &str) -> Option<&'n str> {
+        let text = self.string(node, field)?;
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid {
+            let message =
+                format!("invalid name {text:?}: expected 1 to 64 letters, digits, '_', '-' or '.'");
+            self.error(node.location, field, message);
+            return None;
+        }
+        Some(text)
+    }
+
+    fn protocol(&mut self, node: &Node, field: &str) -> Option<ProtocolName> {
+        match self.choice(node, field, &["tcp", "udp"])? {
+            "tcp" => Some(ProtocolName::Tcp),
+            _ => {
+                self.error(
+                    node.location,
+                    field,
+                    "udp is not yet supported (supported: tcp)",
+                );
+                Some(ProtocolName::Udp)
+            }
+        }
+    }
+
+    fn algorithm(&mut self, node: &Node, field: &str) -> Option<Algorithm> {
+        let text = self.string(node, field)?;
+        if ALGORITHMS_SUPPORTED.contains(&text) {
+            return Some(Algorithm::RoundRobin);
+        }
+        let message = if ALGORITHMS_LATER.contains(&text) {
+            format!(
+                "{text} is not yet supported (supported: {})",
+                ALGORITHMS_SUPPORTED.join(", ")
+            )
+        } else {
+            let all: Vec<&str> = ALGORITHMS_SUPPORTED
+                .iter()
+                .chain(ALGORITHMS_LATER)
+                .copied()
+                .collect();
+            format!(
+                "unknown algorithm {text:?}, expected one of: {}",
+                all.join(", ")
+            )
+        };
+        self.error(node.location, field, message);
+        None
+    }
+
+    fn bind(&mut self, node: &Node, field: &str) -> Option<SocketAddr> {
+        let text = self.string(node, field)?;
+        scalar::bind(text)
+            .map_err(|message| self.error(node.location, field, message))
+            .ok()
+    }
+
+    fn backends(&mut self, node: &Node, path: &str) -> Vec<BackendSpec> {
+        let Value::Seq(items) = &node.value else {
+            self.expected::<()>(node, path, "a list of backends");
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.error(node.location, path, "at least one backend is required");
+        }
+        let mut backends: Vec<BackendSpec> = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let field = format!("{path}[{index}]");
+            let Some(backend) = self.backend(item, &field) else {
+                continue;
+            };
+            if let Some(first) = backends.iter().find(|b| same_backend(b, &backend)) {
+                let message = format!(
+                    "duplicate backend {}, already listed at line {}; \
+                     give one entry a higher weight instead",
+                    backend.address, first.location.line
+                );
+                self.error(item.location, field, message);
+                continue;
+            }
+            backends.push(backend);
+        }
+        backends
+    }
+
+    fn backend(&mut self, node: &Node, path: &str) -> Option<BackendSpec> {
+        let (address_node, address_field, weight) = match &node.value {
+            Value::Str(_) => (node, path.to_owned(), WEIGHT_DEFAULT),
+            Value::Map(_) => {
+                let fields = self.mapping(node, path, &BACKEND)?;
+                let weight = match fields.get("weight") {
+                    Some(weight) => self.weight(weight, &format!("{path}.weight")),
+                    None => Some(WEIGHT_DEFAULT),
+                };
+                let field = format!("{path}.address");
+                let Some(address) = fields.get("address") else {
+                    self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
+                    return None;
+                };
+                (address, field, weight?)
+            }
+            _ => {
+                return self.expected(
+                    node,
+                    path,
+                    "an address like \"10.0.0.1:6379\" or a mapping with `address` and `weight`",
+                );
+            }
+        };
+        let text = self.string(address_node, &address_field)?;
+        match scalar::backend(text) {
+            Ok(address) => Some(BackendSpec {
+                address,
+                weight,
+                location: node.location,
+            }),
+            Err(message) => {
+                self.error(address_node.location, address_field, message);
+                None
+            }
+        }
+    }
+
+    fn weight(&mut self, node: &Node, field: &str) -> Option<u16> {
+        let weight = self.integer(node, field, 0, WEIGHT_MAX)?;
+        u16::try_from(weight).ok()
+    }
+
+    fn timeouts(&mut self, node: &Node, path: &str) -> Timeouts {
+        let mut timeouts = TIMEOUTS_DEFAULT;
+        let Some(fields) = self.mapping(node, path, &TIMEOUTS) else {
+            return timeouts;
+        };
+        if let Some(node) = fields.get("connect") {
+            let field = format!("{path}.connect");
+            if let Some(connect) = self.duration(node, &field) {
+                if connect.is_zero() {
+                    let message = "must be greater than 0: every connect attempt needs a limit";
+                    self.error(node.location, field, message);
+                } else {
+                    timeouts.connect = connect;
+                }
+            }
+        }
+        if let Some(node) = fields.get("idle") {
+            timeouts.idle = self
+                .duration(node, &format!("{path}.idle"))
+                .unwrap_or_default();
+        }
+        if let Some(node) = fields.get("half_close") {
+            timeouts.half_close = self
+                .duration(node, &format!("{path}.half_close"))
+                .unwrap_or_default();
+        }
+        timeouts
+    }
+
+    // Generic checks. Each returns `None` after recording an error.
+
+    /// Checks that `node` is a mapping with string keys from `schema`; reports unknown keys
+    /// and keys that are not yet supported, each at its own position.
+    fn mapping<'n>(&mut self, node: &'n Node, path: &str, schema: &Schema) -> Option<Fields<'n>> {
+        let Value::Map(entries) = &node.value else {
+            let what = if path.is_empty() {
+                "a mapping of settings"
+            } else {
+                "a mapping"
+            };
+            return self.expected(node, path, what);
+        };
+        let mut fields = Fields {
+            entries: Vec::with_capacity(entries.len()),
+            location: node.location,
+        };
+        for (key, value) in entries {
+            let Value::Str(name) = &key.value else {
+                let message = format!("expected a field name, found {}", key.value.kind());
+                self.error(key.location, path, message);
+                continue;
+            };
+            let field = join(path, &name.escape_debug().to_string());
+            if schema.unsupported.contains(&name.as_str()) {
+                self.error(key.location, field, format!("{name} is not yet supported"));
+            } else if schema.supported.contains(&name.as_str()) {
+                fields.entries.push((name, value));
+            } else {
+                let expected: Vec<&str> = schema
+                    .supported
+                    .iter()
+                    .chain(schema.unsupported)
+                    .copied()
+                    .collect();
+                let message = format!(
+                    "unknown field {name:?}, expected one of: {}",
+                    expected.join(", ")
+                );
+                self.error(key.location, field, message);
+            }
+        }
+        Some(fields)
+    }
+
+    fn string<'n>(&mut self, node: &'n Node, field: &str) -> Option<&'n str> {
+        match &node.value {
+            Value::Str(text) => Some(text),
+            _ => self.expected(node, field, "a string"),
+        }
+    }
+
+    fn integer(&mut self, node: &Node, field: &str, min: i128, max: i128) -> Option<i128> {
+        let Value::Int(n) = node.value else {
+            return self.expected(node, field, "an integer");
+        };
+        if !(min..=max).contains(&n) {
+            let message = format!("must be between {min} and {max}, found {n}");
+            self.error(node.location, field, message);
+            return None;
+        }
+        Some(n)
+    }
+
+    fn u32(&mut self, node: &Node, field: &str) -> Option<u32> {
+        let n = self.integer(node, field, 0, u32::MAX.into())?;
+        u32::try_from(n).ok()
+    }
+
+    /// One of a fixed set of words.
+    fn choice<'c>(&mut self, node: &Node, field: &str, choices: &[&'c str]) -> Option<&'c str> {
+        let text = self.string(node, field)?;
+        if let Some(choice) = choices.iter().find(|c| **c == text) {
+            return Some(choice);
+        }
+        let message = format!(
+            "unknown value {text:?}, expected one of: {}",
+            choices.join(", ")
+        );
+        self.error(node.location, field, message);
+        None
+    }
+
+    /// A bare `0` (integer or string) means off; anything else needs a unit.
+    fn duration(&mut self, node: &Node, field: &str) -> Option<Duration> {
+        let result = match &node.value {
+            Value::Int(0) => Ok(Duration::ZERO),
+            Value::Int(n) => Err(format!(
+                "invalid duration {n}: a unit is required (ms, s, m, h), e.g. {n}s; \
+                 only 0 may be written without one"
+            )),
+            Value::Str(text) => scalar::duration(text),
+            _ => return self.expected(node, field, "a duration such as 2s or 250ms, or 0"),
+        };
+        result
+            .map_err(|message| self.error(node.location, field, message))
+            .ok()
+    }
+
+    fn missing(&mut self, at: Location, field: &str, what: &str) {
+        self.error(
+            at,
+            field,
+            format!("missing required field; expected {what}"),
+        );
+    }
+
+    /// Records "expected X, found Y" and returns `None` so callers can `return` it.
+    fn expected<T>(&mut self, node: &Node, field: &str, what: &str) -> Option<T> {
+        let message = format!("expected {what}, found {}", node.value.kind());
+        self.error(node.location, field, message);
+        None
+    }
+
+    fn error(&mut self, at: Location, field: impl Into<String>, message: impl Into<String>) {
+        self.errors
+            .push(ConfigError::new(self.file, at, field, message));
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Two entries for the same backend; hostnames compare without regard to case, as DNS does.
+fn same_backend(a: &BackendSpec, b: &BackendSpec) -> bool {
+    match (&a.address, &b.address) {
+        (BackendAddress::Ip(a), BackendAddress::Ip(b)) => a == b,
+        (
+            BackendAddress::Host { host: a, port: pa },
+            BackendAddress::Host { host: b, port: pb },
+        ) => {
+            pa == pb
+                && a.trim_end_matches('.')
+                    .eq_ignore_ascii_case(b.trim_end_matches('.'))
+        }
+        _ => false,
+    }
+}

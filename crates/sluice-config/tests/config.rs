@@ -1,0 +1,541 @@
+//! The config contract as users see it: whole files in, values or positioned errors out.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice_config::{
+    Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, Listener,
+    Location, OnMaxConnections, Protocol, Timeouts, Workers, load, parse,
+};
+
+const FILE: &str = "sluice.yaml";
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn check(yaml: &str) -> Result<Config, ConfigErrors> {
+    parse(yaml, Path::new(FILE))
+}
+
+/// The errors of `yaml` as (line, column, field, message).
+fn errors(yaml: &str) -> Vec<(usize, usize, String, String)> {
+    match check(yaml) {
+        Ok(config) => panic!("accepted:\n{yaml}\nas {config:#?}"),
+        Err(errors) => {
+            assert!(!errors.0.is_empty(), "empty ConfigErrors");
+            errors
+                .0
+                .into_iter()
+                .map(|e| (e.line, e.column, e.field, e.message))
+                .collect()
+        }
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+#[test]
+fn design_example_fails_only_on_what_is_not_yet_supported() {
+    let path = fixture("design-example.yaml");
+    let errors = load(&path)
+        .expect_err("the example uses keys not yet supported")
+        .0;
+    let found: Vec<(usize, usize, &str)> = errors
+        .iter()
+        .map(|e| (e.line, e.column, e.field.as_str()))
+        .collect();
+    let expected = [
+        (10, 5, "listeners[0].hash_key"),
+        (11, 5, "listeners[0].maglev"),
+        (12, 5, "listeners[0].ring_hash"),
+        (16, 37, "listeners[0].backends[2].backup"),
+        (24, 5, "listeners[0].health"),
+        (35, 5, "listeners[0].passive"),
+        (36, 5, "listeners[0].on_all_down"),
+        (37, 5, "listeners[0].slow_start"),
+        (38, 5, "listeners[0].drain_timeout"),
+        (40, 5, "listeners[0].max_sessions"),
+        (41, 5, "listeners[0].on_max_sessions"),
+        (42, 5, "listeners[0].responses"),
+        (43, 5, "listeners[0].requests"),
+        (44, 5, "listeners[0].per_packet"),
+    ];
+    assert_eq!(found, expected);
+    for error in &errors {
+        let key = error.field.rsplit('.').next().unwrap();
+        assert_eq!(error.message, format!("{key} is not yet supported"));
+        assert_eq!(error.file, path);
+    }
+}
+
+#[test]
+fn design_example_without_unsupported_keys_loads_with_its_values() {
+    // The example with every not-yet-supported line removed must load, and show that
+    // every supported key of the reference is read.
+    let text = std::fs::read_to_string(fixture("design-example.yaml")).unwrap();
+    let unsupported = [
+        "hash_key",
+        "maglev",
+        "ring_hash",
+        "health",
+        "check",
+        "interval",
+        "timeout",
+        "rise",
+        "fall",
+        "passive",
+        "on_all_down",
+        "slow_start",
+        "drain_timeout",
+        "max_sessions",
+        "on_max_sessions",
+        "responses",
+        "requests",
+        "per_packet",
+    ];
+    let kept: String = text
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            !line.contains("backup:")
+                && !unsupported
+                    .iter()
+                    .any(|key| line.starts_with(&format!("{key}:")))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config = check(&kept).unwrap_or_else(|e| panic!("{e}\n{kept}"));
+    assert_eq!(config.workers, Workers::Auto);
+    assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(
+        config.admin,
+        Some(Admin {
+            bind: addr("127.0.0.1:9900")
+        })
+    );
+    let redis = &config.listeners[0];
+    assert_eq!(redis.name, "redis");
+    assert_eq!(redis.bind, addr("0.0.0.0:6379"));
+    assert_eq!(redis.location, Location { line: 6, column: 5 });
+    let weights: Vec<(BackendAddress, u16)> = redis
+        .backends
+        .iter()
+        .map(|b| (b.address.clone(), b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            (BackendAddress::Ip(addr("10.0.0.1:6379")), 1),
+            (BackendAddress::Ip(addr("10.0.0.2:6379")), 2),
+        ]
+    );
+}
+
+#[test]
+fn minimal_config_gets_every_default() {
+    let yaml = "\
+listeners:
+  - name: redis
+    bind: \"127.0.0.1:6379\"
+    backends: [\"10.0.0.1:6379\"]
+";
+    let config = check(yaml).unwrap();
+    let expected = Config {
+        workers: Workers::Auto,
+        shutdown_timeout: Duration::from_secs(30),
+        admin: None,
+        listeners: vec![Listener {
+            name: "redis".into(),
+            protocol: Protocol::Tcp,
+            bind: addr("127.0.0.1:6379"),
+            algorithm: Algorithm::RoundRobin,
+            backends: vec![BackendSpec {
+                address: BackendAddress::Ip(addr("10.0.0.1:6379")),
+                weight: 1,
+                location: Location {
+                    line: 4,
+                    column: 16,
+                },
+            }],
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                idle: Duration::ZERO,
+                half_close: Duration::from_secs(60),
+            },
+            max_connections: 0,
+            on_max_connections: OnMaxConnections::Queue,
+            retries: 2,
+            location: Location { line: 2, column: 5 },
+        }],
+    };
+    assert_eq!(config, expected);
+}
+
+#[test]
+fn every_supported_key_is_read() {
+    let yaml = "\
+workers: 4
+shutdown_timeout: 0
+admin: { bind: \"[::1]:9900\" }
+listeners:
+  - name: pg
+    protocol: tcp
+    bind: \"[::]:5432\"
+    algorithm: round_robin
+    backends:
+      - db-1.internal:5432
+      - { address: \"[fd00::2]:5432\", weight: 0 }
+      - address: 10.0.0.3:5432
+        weight: 1000
+    timeouts: { connect: 250ms, idle: 5m, half_close: 0 }
+    max_connections: 10000
+    on_max_connections: reject
+    retries: 0
+  - name: pg.replica_2
+    bind: 0.0.0.0:0
+    backends: [\"10.0.0.4:5432\"]
+    timeouts: { idle: \"0\", half_close: 1h }
+  - name: any-port
+    bind: 0.0.0.0:0
+    backends: [\"10.0.0.4:5432\"]
+";
+    let config = check(yaml).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.workers,
+        Workers::Count(NonZeroUsize::new(4).unwrap())
+    );
+    assert_eq!(config.shutdown_timeout, Duration::ZERO);
+    assert_eq!(
+        config.admin,
+        Some(Admin {
+            bind: addr("[::1]:9900")
+        })
+    );
+    let pg = &config.listeners[0];
+    assert_eq!(pg.bind, addr("[::]:5432"));
+    assert_eq!(
+        pg.backends
+            .iter()
+            .map(|b| (&b.address, b.weight, b.location.line))
+            .collect::<Vec<_>>(),
+        [
+            (
+                &BackendAddress::Host {
+                    host: "db-1.internal".into(),
+                    port: 5432
+                },
+                1,
+                10
+            ),
+            (&BackendAddress::Ip(addr("[fd00::2]:5432")), 0, 11),
+            (&BackendAddress::Ip(addr("10.0.0.3:5432")), 1000, 12),
+        ]
+    );
+    assert_eq!(
+        pg.timeouts,
+        Timeouts {
+            connect: Duration::from_millis(250),
+            idle: Duration::from_secs(300),
+            half_close: Duration::ZERO,
+        }
+    );
+    assert_eq!(pg.max_connections, 10_000);
+    assert_eq!(pg.on_max_connections, OnMaxConnections::Reject);
+    assert_eq!(pg.retries, 0);
+    let replica = &config.listeners[1];
+    assert_eq!(replica.name, "pg.replica_2");
+    assert_eq!(replica.timeouts.connect, Duration::from_secs(2));
+    assert_eq!(replica.timeouts.idle, Duration::ZERO);
+    assert_eq!(replica.timeouts.half_close, Duration::from_secs(3600));
+    // Two listeners on port 0 get different ports from the kernel: not a duplicate.
+    assert_eq!(config.listeners[2].bind, addr("0.0.0.0:0"));
+}
+
+/// A listener that is fine, to surround the mistake under test.
+const GOOD: &str = "\
+listeners:
+  - name: a
+    bind: \"0.0.0.0:1000\"
+    backends: [\"10.0.0.1:1\"]
+";
+
+/// An expected error: line, column, field and a part of the message.
+type Expected = (usize, usize, &'static str, &'static str);
+
+#[test]
+fn bad_configs_report_position_field_and_expectation() {
+    // (what, yaml, [(line, column, field, part of the message)])
+    #[rustfmt::skip]
+    let cases: &[(&str, String, &[Expected])] = &[
+        ("unknown top-level field", format!("{GOOD}lisen: 1\n"),
+         &[(5, 1, "lisen", "unknown field \"lisen\", expected one of: workers, shutdown_timeout, admin, listeners")]),
+        ("unknown listener field and missing bind, both reported",
+         "listeners:\n  - name: a\n    bnid: \"0.0.0.0:1\"\n    backends: [\"10.0.0.1:1\"]\n".into(),
+         &[(2, 5, "listeners[0].bind", "missing required field"),
+           (3, 5, "listeners[0].bnid", "unknown field \"bnid\", expected one of: name, protocol, bind,")]),
+        ("bad duration", format!("{GOOD}    timeouts:\n      connect: 2 sec\n"),
+         &[(6, 16, "listeners[0].timeouts.connect",
+            "invalid duration \"2 sec\": expected a whole number with a unit (ms, s, m, h), e.g. 250ms or 2s, or 0")]),
+        ("fractional duration", format!("{GOOD}    timeouts: {{ idle: 1.5s }}\n"),
+         &[(5, 23, "listeners[0].timeouts.idle", "use a smaller unit, e.g. 1500ms")]),
+        ("duration without unit", "shutdown_timeout: 30\nlisteners: []\n".into(),
+         &[(1, 19, "shutdown_timeout", "invalid duration 30: a unit is required"),
+           (2, 12, "listeners", "at least one listener is required")]),
+        ("zero connect timeout", format!("{GOOD}    timeouts: {{ connect: 0s }}\n"),
+         &[(5, 26, "listeners[0].timeouts.connect", "must be greater than 0")]),
+        ("weight 1001", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends:\n      - { address: \"10.0.0.1:1\", weight: 1001 }\n".into(),
+         &[(5, 42, "listeners[0].backends[0].weight", "must be between 0 and 1000, found 1001")]),
+        ("IPv6 backend without brackets", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends: [\"::1:6379\"]\n".into(),
+         &[(4, 16, "listeners[0].backends[0]", "invalid backend address \"::1:6379\": an IPv6 address must be in brackets")]),
+        ("IPv6 bind without brackets", "listeners:\n  - name: a\n    bind: \"::1:6379\"\n    backends: [\"10.0.0.1:1\"]\n".into(),
+         &[(3, 11, "listeners[0].bind", "an IPv6 address must be in brackets")]),
+        ("hostname as bind", "admin:\n  bind: localhost:9900\nlisteners: []\n".into(),
+         &[(2, 9, "admin.bind", "hostnames are not allowed here"),
+           (3, 12, "listeners", "at least one listener is required")]),
+        ("backend without port", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends:\n      - db.example\n".into(),
+         &[(5, 9, "listeners[0].backends[0]", "a port is required")]),
+        ("duplicate name, naming both lines", format!("{GOOD}  - name: a\n    bind: \"0.0.0.0:2000\"\n    backends: [\"10.0.0.1:1\"]\n"),
+         &[(5, 11, "listeners[1].name", "duplicate listener name \"a\", already used at line 2")]),
+        ("duplicate bind, naming the first listener", format!("{GOOD}  - name: b\n    bind: 0.0.0.0:1000\n    backends: [\"10.0.0.1:1\"]\n"),
+         &[(6, 11, "listeners[1].bind", "tcp 0.0.0.0:1000 is already bound by listener \"a\" at line 2")]),
+        ("tcp and udp on one port are no duplicate, but udp is not yet supported",
+         format!("{GOOD}  - name: b\n    protocol: udp\n    bind: \"0.0.0.0:1000\"\n    backends: [\"10.0.0.1:1\"]\n"),
+         &[(6, 15, "listeners[1].protocol", "udp is not yet supported (supported: tcp)")]),
+        ("two udp listeners on one port are duplicates",
+         "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n  - name: b\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n".into(),
+         &[(3, 15, "listeners[0].protocol", "udp is not yet supported"),
+           (7, 15, "listeners[1].protocol", "udp is not yet supported"),
+           (8, 11, "listeners[1].bind", "udp 0.0.0.0:53 is already bound by listener \"a\" at line 2")]),
+        ("unknown protocol", format!("{GOOD}    protocol: sctp\n"),
+         &[(5, 15, "listeners[0].protocol", "unknown value \"sctp\", expected one of: tcp, udp")]),
+        ("empty backends", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends: []\n".into(),
+         &[(4, 15, "listeners[0].backends", "at least one backend is required")]),
+        ("missing backends and name", "listeners:\n  - bind: \"0.0.0.0:1\"\n".into(),
+         &[(2, 5, "listeners[0].name", "missing required field; expected a unique name"),
+           (2, 5, "listeners[0].backends", "missing required field; expected a list of backends")]),
+        ("unknown algorithm", format!("{GOOD}    algorithm: fastest\n"),
+         &[(5, 16, "listeners[0].algorithm",
+            "unknown algorithm \"fastest\", expected one of: round_robin, least_connections, random, power_of_two, ring_hash, maglev")]),
+        ("algorithm not yet supported", format!("{GOOD}    algorithm: maglev\n"),
+         &[(5, 16, "listeners[0].algorithm", "maglev is not yet supported (supported: round_robin)")]),
+        ("workers 0", format!("workers: 0\n{GOOD}"),
+         &[(1, 10, "workers", "expected \"auto\" or an integer between 1 and 1024, found 0")]),
+        ("workers 1025", format!("workers: 1025\n{GOOD}"),
+         &[(1, 10, "workers", "found 1025")]),
+        ("workers as a word", format!("workers: many\n{GOOD}"),
+         &[(1, 10, "workers", "found \"many\"")]),
+        ("type error: string for an integer", format!("{GOOD}    retries: \"two\"\n"),
+         &[(5, 14, "listeners[0].retries", "expected an integer, found a string")]),
+        ("type error: negative integer", format!("{GOOD}    max_connections: -1\n"),
+         &[(5, 22, "listeners[0].max_connections", "must be between 0 and 4294967295, found -1")]),
+        ("type error: list for a mapping", format!("{GOOD}    timeouts: [1, 2]\n"),
+         &[(5, 15, "listeners[0].timeouts", "expected a mapping, found a list")]),
+        ("type error: listeners not a list", "listeners: { name: a }\n".into(),
+         &[(1, 12, "listeners", "expected a list of listeners, found a mapping")]),
+        ("type error: backend is a number", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends: [42]\n".into(),
+         &[(4, 16, "listeners[0].backends[0]", "expected an address like \"10.0.0.1:6379\" or a mapping with `address` and `weight`, found an integer")]),
+        ("backend mapping without address", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends:\n      - weight: 3\n        adress: 10.0.0.1:1\n".into(),
+         &[(5, 9, "listeners[0].backends[0].address", "missing required field"),
+           (6, 9, "listeners[0].backends[0].adress", "unknown field \"adress\", expected one of: address, weight, backup")]),
+        ("duplicate backend", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends:\n      - 10.0.0.1:1\n      - { address: 10.0.0.1:1, weight: 2 }\n".into(),
+         &[(6, 9, "listeners[0].backends[1]", "duplicate backend 10.0.0.1:1, already listed at line 5")]),
+        ("admin without bind", format!("admin: {{}}\n{GOOD}"),
+         &[(1, 8, "admin.bind", "missing required field")]),
+        ("missing listeners", "workers: auto\n".into(),
+         &[(1, 1, "listeners", "missing required field; expected a list of listeners")]),
+        ("invalid name", "listeners:\n  - name: \"my redis\"\n    bind: \"0.0.0.0:1\"\n    backends: [\"10.0.0.1:1\"]\n".into(),
+         &[(2, 11, "listeners[0].name", "invalid name \"my redis\"")]),
+        ("YAML 1.1 boolean words stay strings", format!("{GOOD}    on_max_connections: yes\n"),
+         &[(5, 25, "listeners[0].on_max_connections", "unknown value \"yes\", expected one of: queue, reject")]),
+        ("non-string key", format!("{GOOD}7: x\n"),
+         &[(5, 1, "", "expected a field name, found an integer")]),
+        ("empty file", String::new(),
+         &[(1, 1, "", "the file is empty")]),
+        ("document is not a mapping", "- a\n- b\n".into(),
+         &[(1, 1, "", "expected a mapping of settings, found a list")]),
+        ("YAML syntax error", "listeners:\n  - name: a\n    bind: [\"0.0.0.0:1\"\n".into(),
+         &[(3, 11, "", "invalid YAML: unclosed bracket")]),
+        ("YAML bad indentation", "listeners:\n  - name: a\n   bind: x\n".into(),
+         &[(3, 4, "", "invalid YAML:")]),
+        ("duplicate key", format!("{GOOD}    name: b\n"),
+         &[(5, 5, "", "invalid YAML: duplicate key \"name\"")]),
+        ("two documents", format!("{GOOD}---\n{GOOD}"),
+         &[(5, 1, "", "invalid YAML: expected one YAML document, found a second one")]),
+    ];
+    let mut failures = Vec::new();
+    for (what, yaml, expected) in cases {
+        let found = errors(yaml);
+        let matches = found.len() == expected.len()
+            && found
+                .iter()
+                .zip(expected.iter())
+                .all(|(f, e)| (f.0, f.1, f.2.as_str()) == (e.0, e.1, e.2) && f.3.contains(e.3));
+        if !matches {
+            failures.push(format!(
+                "{what}:\n  expected {expected:?}\n  found    {found:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn error_display_names_file_position_and_field() {
+    let errors = check(&format!(
+        "{GOOD}    timeouts:\n      connect: 2 sec\n    retries: x\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "sluice.yaml:6:16: listeners[0].timeouts.connect: invalid duration \"2 sec\": \
+         expected a whole number with a unit (ms, s, m, h), e.g. 250ms or 2s, or 0\n\
+         sluice.yaml:7:14: listeners[0].retries: expected an integer, found a string"
+    );
+    let built = ConfigError::new(
+        Path::new("x.yaml"),
+        Location { line: 3, column: 4 },
+        "workers",
+        "bad",
+    );
+    assert_eq!(built.to_string(), "x.yaml:3:4: workers: bad");
+    let syntax = check("a: [").unwrap_err();
+    assert!(
+        syntax
+            .to_string()
+            .starts_with("sluice.yaml:1:4: invalid YAML: "),
+        "{syntax}"
+    );
+}
+
+#[test]
+fn user_text_cannot_break_the_one_error_per_line_display() {
+    let errors = check(&format!("{GOOD}\"evil\\nsluice.yaml:1:1: fake\": 1\n")).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.to_string().lines().count(), 1, "{errors}");
+}
+
+#[test]
+fn alias_bomb_is_rejected_quickly() {
+    let bomb = "\
+a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+listeners: *i
+";
+    let start = Instant::now();
+    let errors = check(bomb).unwrap_err();
+    // A generous bound that still catches an expansion of 9^9 nodes.
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(errors.0.len(), 1);
+    assert!(
+        errors.0[0].message.starts_with("invalid YAML: "),
+        "{errors}"
+    );
+}
+
+#[test]
+fn large_string_aliased_many_times_is_rejected() {
+    // Each alias is cheap for the parser, but every copy is a new string in the tree.
+    let big = "x".repeat(1024 * 1024);
+    let yaml = format!("a: &a \"{big}\"\nb: [{}]\n", vec!["*a"; 64].join(","));
+    let errors = check(&yaml).unwrap_err();
+    assert!(errors.to_string().contains("expands too much"), "{errors}");
+}
+
+#[test]
+fn document_whose_tree_would_be_too_large_is_rejected() {
+    let yaml = format!("listeners: [{}]\n", vec!["0"; 200_000].join(","));
+    let errors = check(&yaml).unwrap_err();
+    assert!(errors.to_string().contains("more than 16 MiB"), "{errors}");
+}
+
+#[test]
+fn deep_nesting_is_rejected_without_overflowing_the_stack() {
+    for depth in [100, 10_000, 1_000_000] {
+        let flow = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert!(check(&flow).is_err());
+        let flow_maps = format!("{}{}", "{a: ".repeat(depth), "}".repeat(depth));
+        assert!(check(&flow_maps).is_err());
+    }
+    let block: String = (0..200).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+    let errors = check(&block).unwrap_err();
+    assert!(errors.0[0].message.starts_with("invalid YAML"), "{errors}");
+}
+
+#[test]
+fn oversized_input_is_rejected_before_parsing() {
+    let text = " ".repeat(sluice_config::FILE_BYTES_MAX + 1);
+    let errors = check(&text).unwrap_err();
+    assert_eq!((errors.0[0].line, errors.0[0].column), (0, 0));
+    assert_eq!(
+        errors.to_string(),
+        "sluice.yaml: the file is larger than 4 MiB"
+    );
+}
+
+#[test]
+fn load_reports_a_missing_file_without_position() {
+    let path = fixture("does-not-exist.yaml");
+    let errors = load(&path).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].line, 0);
+    assert!(
+        errors
+            .to_string()
+            .starts_with(&format!("{}: cannot open: ", path.display()))
+    );
+}
+
+#[test]
+fn mangled_inputs_never_panic() {
+    // A cheap stand-in for the fuzzer until `fuzz/` exists: a seeded xorshift mutates the
+    // reference example (delete, duplicate, replace bytes) and every result must be an
+    // `Ok` or positioned errors, never a panic.
+    let original = std::fs::read(fixture("design-example.yaml")).unwrap();
+    let alphabet = b" \n\t:-[]{},&*!|>'\"#%@`?0123456789abcxyz.\\";
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..500 {
+        let mut bytes = original.clone();
+        for _ in 0..(next() % 8 + 1) {
+            let at = (next() % bytes.len() as u64) as usize;
+            match next() % 3 {
+                0 => {
+                    bytes.remove(at);
+                }
+                1 => bytes.insert(at, alphabet[(next() % alphabet.len() as u64) as usize]),
+                _ => bytes[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+            }
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if let Err(errors) = check(&text) {
+            assert!(!errors.0.is_empty());
+            for error in &errors.0 {
+                assert!(!error.message.is_empty());
+                assert!(!error.to_string().contains('\n'));
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Sockets and process limits: listeners, backend sockets, the fd budget, CPU pinning.
+
+use std::io;
+use std::net::SocketAddr;
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+/// The accept backlog asked for; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket of one worker: SO_REUSEPORT, so every worker binds its own and the
+/// kernel spreads new connections across them.
+pub(crate) fn listener(bind: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(bind),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&bind.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// A socket toward a backend, not yet connected.
+pub(crate) fn backend_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    tune(&SockRef::from(&socket))?;
+    Ok(socket)
+}
+
+/// TCP_NODELAY (we forward what we get, when we get it) and keepalive (dead peers are noticed
+/// even on connections with `timeouts.idle: 0`).
+pub(crate) fn tune(socket: &SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(60))
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(6),
+    )?;
+    Ok(())
+}
+
+/// The file-descriptor budget: raises the soft RLIMIT_NOFILE to the hard limit (tolerating
+/// EPERM) and returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise RLIMIT_NOFILE");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
+/// How many proxied connections the fd budget allows: two sockets per connection, after a
+/// reserve for listeners (one per listener per worker), rings, eventfds, the admin endpoint,
+/// logs and the control plane.
+pub fn connections_for_budget(fd_limit: u64, workers: usize, listeners: usize) -> u32 {
+    let reserve = 64 + (workers as u64) * (listeners as u64 + 4);
+    let usable = fd_limit.saturating_sub(reserve);
+    (usable / 2).clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// Pins the calling thread to the `index`-th CPU it is allowed to run on (wrapping around).
+pub(crate) fn pin_to_cpu(index: usize) -> nix::Result<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0))?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if cpus.is_empty() {
+        return Ok(0);
+    }
+    let cpu = cpus[index % cpus.len()];
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_leaves_a_reserve_and_counts_two_fds_per_connection() {
+        assert_eq!(connections_for_budget(1024, 1, 1), (1024 - 69) / 2);
+        assert_eq!(connections_for_budget(10, 2, 3), 1);
+    }
+
+    #[test]
+    fn two_listeners_share_a_port_with_reuseport() {
+        let a = listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = a.local_addr().unwrap().as_socket().unwrap().port();
+        let b = listener(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+        assert_eq!(b.local_addr().unwrap().as_socket().unwrap().port(), port);
+    }
+}

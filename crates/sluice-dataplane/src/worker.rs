@@ -1,0 +1,781 @@
+//! One worker: a ring, its listeners, its connection slab and the completion loop that turns
+//! completions into `Conn` events and `Conn` actions into submissions.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::EventFd;
+use sluice_balance::{BackendId, ClientAddr, Picker, Snapshot};
+use sluice_conn::{Action, CloseReason, Conn, ConnectError, RecvOutcome, SendOutcome, Side};
+use sluice_uring::{Completion, Uring};
+use socket2::{SockRef, Socket};
+
+use crate::counters::WorkerCounters;
+use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets};
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 4096;
+/// Buffers in the worker's pool and their size: 2048 x 16 KiB = 32 MiB of address space,
+/// touched (RSS) only as traffic uses them. A connection holds at most 4 (2 per direction).
+const BUFFER_COUNT: u16 = 2048;
+const BUFFER_SIZE: u32 = 16 * 1024;
+/// How long accepting pauses after EMFILE/ENFILE or another accept error.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How often a listener paused by `max_connections` (queue) re-checks for room.
+const CAP_RECHECK: Duration = Duration::from_millis(20);
+/// The longest the loop sleeps without a deadline (to notice a phase change it was not woken
+/// for; wake-ups normally arrive through the eventfd).
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// Bounded wait for a peer to acknowledge bytes before it is reset.
+pub const RESET_LINGER: Duration = Duration::from_secs(2);
+
+/// What a submission was, packed with its slot (connection or listener index) in `user_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Wake,
+    RecvClient,
+    RecvBackend,
+    SendClient,
+    SendBackend,
+    Connect,
+    /// Cancellations: their own completions carry nothing we need.
+    Cancel,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            1 => Op::Accept,
+            2 => Op::Wake,
+            3 => Op::RecvClient,
+            4 => Op::RecvBackend,
+            5 => Op::SendClient,
+            6 => Op::SendBackend,
+            7 => Op::Connect,
+            8 => Op::Cancel,
+            _ => return None,
+        })
+    }
+
+    fn recv(side: Side) -> Op {
+        match side {
+            Side::Client => Op::RecvClient,
+            Side::Backend => Op::RecvBackend,
+        }
+    }
+
+    fn send(side: Side) -> Op {
+        match side {
+            Side::Client => Op::SendClient,
+            Side::Backend => Op::SendBackend,
+        }
+    }
+}
+
+fn user_data(op: Op, index: u32) -> u64 {
+    (op as u64) | (u64::from(index) << 8)
+}
+
+fn decode(user_data: u64) -> (Option<Op>, u32) {
+    (Op::from_u8(user_data as u8), (user_data >> 8) as u32)
+}
+
+pub(crate) struct WorkerArgs {
+    pub index: usize,
+    pub config: Arc<PlaneConfig>,
+    pub shared: Arc<Shared>,
+    pub waker: Arc<EventFd>,
+    pub counters: Arc<WorkerCounters>,
+}
+
+/// One listener of this worker.
+struct Listening {
+    socket: Socket,
+    /// A multishot accept is armed.
+    armed: bool,
+    /// Not before this moment (EMFILE back-off).
+    paused_until: Option<Instant>,
+    /// Stopped because `max_connections` was reached (queue mode).
+    capped: bool,
+}
+
+/// One proxied connection: its state machine and its sockets.
+struct Slot {
+    conn: Conn<u16>,
+    listener: usize,
+    client: Socket,
+    client_addr: SocketAddr,
+    backend: Option<Socket>,
+    backend_id: Option<BackendId>,
+    /// Backends already tried (allocated only on a retry).
+    tried: Vec<BackendId>,
+    /// Operations submitted and not yet completed: the slot is freed only at zero.
+    in_flight: u16,
+    closing: Option<CloseReason>,
+    /// The deadline registered in the timer heap, if any.
+    timer_at: Option<Instant>,
+    /// Counted in the backend's active gauge.
+    backend_counted: bool,
+}
+
+struct Worker {
+    index: usize,
+    config: Arc<PlaneConfig>,
+    shared: Arc<Shared>,
+    counters: Arc<WorkerCounters>,
+    ring: Uring,
+    waker: Arc<EventFd>,
+    listeners: Vec<Listening>,
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<u32>,
+    live: usize,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    /// Connections whose receive found the pool empty, oldest first.
+    buffer_waiters: VecDeque<u32>,
+    snapshot: Arc<Snapshot>,
+    pickers: Vec<Picker>,
+    phase: u8,
+    completions: Vec<Completion>,
+}
+
+/// The thread body: set up, report readiness, run until drained or closed.
+pub(crate) fn run(args: WorkerArgs, ready: mpsc::Sender<Result<usize, StartError>>) {
+    let index = args.index;
+    let mut worker = match Worker::new(args) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(index));
+    drop(ready);
+    if let Err(e) = worker.run() {
+        tracing::error!(worker = index, error = %e, "worker stopped on an OS error");
+    }
+}
+
+impl Worker {
+    fn new(args: WorkerArgs) -> Result<Worker, StartError> {
+        let WorkerArgs {
+            index,
+            config,
+            shared,
+            waker,
+            counters,
+        } = args;
+        if config.pin_workers {
+            match sockets::pin_to_cpu(index) {
+                Ok(cpu) => tracing::debug!(worker = index, cpu, "pinned"),
+                Err(e) => tracing::warn!(worker = index, error = %e, "could not pin worker"),
+            }
+        }
+        let slots_max = config.connections_max_total as usize;
+        let mut ring = Uring::new(
+            RING_ENTRIES,
+            BUFFER_COUNT,
+            BUFFER_SIZE,
+            slots_max.min(1 << 24),
+        )?;
+        if index == 0 {
+            tracing::info!(features = ?ring.features(), "io_uring ready");
+        }
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, plan) in config.listeners.iter().enumerate() {
+            let socket = sockets::listener(plan.bind).map_err(|e| StartError::Os {
+                context: format!("listener {:?}: binding {}", plan.name, plan.bind),
+                source: e,
+            })?;
+            ring.accept_multi(socket.as_raw_fd(), user_data(Op::Accept, i as u32));
+            listeners.push(Listening {
+                socket,
+                armed: true,
+                paused_until: None,
+                capped: false,
+            });
+        }
+        ring.poll_in_multi(waker.as_fd().as_raw_fd(), user_data(Op::Wake, 0));
+        let snapshot = shared.snapshots.load();
+        let pickers = make_pickers(&snapshot, index);
+        Ok(Worker {
+            index,
+            config,
+            shared,
+            counters,
+            ring,
+            waker,
+            listeners,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            live: 0,
+            timers: BinaryHeap::new(),
+            buffer_waiters: VecDeque::new(),
+            snapshot,
+            pickers,
+            phase: crate::RUNNING,
+            completions: Vec::with_capacity(RING_ENTRIES as usize),
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            let timeout = self.sleep_for(Instant::now());
+            self.ring.submit_and_wait(Some(timeout))?;
+            let mut completions = std::mem::take(&mut self.completions);
+            self.ring.reap(&mut completions);
+            let now = Instant::now();
+            for completion in &completions {
+                self.complete(*completion, now);
+            }
+            self.completions = completions;
+            self.fire_timers(now);
+            self.feed_buffer_waiters(now);
+            self.adopt_snapshot();
+            self.follow_phase(now);
+            self.resume_accepts(now);
+            if self.phase >= DRAINING && self.live == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// How long the next wait may last: until the earliest timer, capped.
+    fn sleep_for(&self, now: Instant) -> Duration {
+        let mut until = now + MAX_SLEEP;
+        if let Some(Reverse((at, _))) = self.timers.peek() {
+            until = until.min(*at);
+        }
+        for l in &self.listeners {
+            if let Some(at) = l.paused_until {
+                until = until.min(at);
+            }
+            if l.capped {
+                until = until.min(now + CAP_RECHECK);
+            }
+        }
+        until
+            .saturating_duration_since(now)
+            .max(Duration::from_micros(100))
+    }
+
+    fn complete(&mut self, c: Completion, now: Instant) {
+        let (op, index) = decode(c.user_data);
+        match op {
+            Some(Op::Accept) => self.accepted(index as usize, c, now),
+            Some(Op::Wake) => {
+                let _ = self.waker.read();
+                if !c.more() {
+                    self.ring
+                        .poll_in_multi(self.waker.as_fd().as_raw_fd(), user_data(Op::Wake, 0));
+                }
+            }
+            Some(Op::Cancel) | None => {}
+            Some(op) => self.connection_completed(op, index, c, now),
+        }
+    }
+
+    fn connection_completed(&mut self, op: Op, index: u32, c: Completion, now: Instant) {
+        let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+            // Every completion of a slot arrives before the slot is freed (in_flight).
+            debug_assert!(false, "completion for a free slot");
+            if let Some(buf) = c.buffer() {
+                self.ring.recycle(buf);
+            }
+            return;
+        };
+        slot.in_flight -= 1;
+        let listener = slot.listener;
+        match op {
+            Op::Connect => {
+                let backend = slot.backend_id.map(BackendId::index);
+                let counters =
+                    backend.and_then(|b| self.counters.listeners[listener].backends.get(b));
+                if c.result >= 0 {
+                    if let Some(counters) = counters {
+                        counters.connections.add(1);
+                        counters.connections_active.add(1);
+                        slot.backend_counted = true;
+                    }
+                    slot.conn.handle_connected(now);
+                } else {
+                    if let Some(counters) = counters {
+                        counters.connect_failures.add(1);
+                    }
+                    let error = match -c.result {
+                        libc::ECONNREFUSED => ConnectError::Refused,
+                        libc::ECANCELED | libc::ETIMEDOUT => ConnectError::TimedOut,
+                        _ => ConnectError::Other,
+                    };
+                    tracing::debug!(backend = ?slot.backend_id, errno = -c.result, "connect failed");
+                    // The failed socket is closed now; a retry opens a new one.
+                    slot.backend = None;
+                    slot.conn.handle_connect_failed(error, now);
+                }
+            }
+            Op::RecvClient | Op::RecvBackend => {
+                let side = if op == Op::RecvClient {
+                    Side::Client
+                } else {
+                    Side::Backend
+                };
+                let outcome = match (c.result, c.buffer()) {
+                    (n, Some(buf)) if n > 0 => RecvOutcome::Data { buf, len: n as u32 },
+                    (n, Some(buf)) => {
+                        // A buffer with no bytes: give it straight back.
+                        self.ring.recycle(buf);
+                        if n == 0 {
+                            RecvOutcome::Eof
+                        } else {
+                            RecvOutcome::Error
+                        }
+                    }
+                    (0, None) => RecvOutcome::Eof,
+                    (n, None) => match -n {
+                        libc::ENOBUFS => {
+                            self.counters.buffer_waits.add(1);
+                            self.buffer_waiters.push_back(index);
+                            RecvOutcome::NoBuffers
+                        }
+                        libc::ECANCELED => RecvOutcome::Cancelled,
+                        libc::ECONNRESET => RecvOutcome::Reset,
+                        _ => RecvOutcome::Error,
+                    },
+                };
+                slot.conn.handle_recv(side, outcome, now);
+            }
+            Op::SendClient | Op::SendBackend => {
+                let to = if op == Op::SendClient {
+                    Side::Client
+                } else {
+                    Side::Backend
+                };
+                let outcome = match c.result {
+                    n if n >= 0 => {
+                        if let Some(b) = slot
+                            .backend_id
+                            .and_then(|b| self.counters.listeners[listener].backends.get(b.index()))
+                        {
+                            match to {
+                                Side::Backend => b.bytes_to_backend.add(n as u64),
+                                Side::Client => b.bytes_to_client.add(n as u64),
+                            }
+                        }
+                        SendOutcome::Sent(n as u32)
+                    }
+                    n if -n == libc::ECANCELED => SendOutcome::Cancelled,
+                    _ => SendOutcome::Reset,
+                };
+                slot.conn.handle_sent(to, outcome, now);
+            }
+            Op::Accept | Op::Wake | Op::Cancel => {}
+        }
+        self.drive(index, now);
+    }
+
+    /// Runs a connection's actions until it has none, then registers its deadline.
+    fn drive(&mut self, index: u32, now: Instant) {
+        loop {
+            let Some(slot) = self.slots[index as usize].as_mut() else {
+                return;
+            };
+            let Some(action) = slot.conn.poll_action() else {
+                break;
+            };
+            self.act(index, action, now);
+        }
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
+        if slot.closing.is_some() && slot.in_flight == 0 {
+            self.free(index);
+            return;
+        }
+        if let Some(at) = slot.conn.poll_timeout()
+            && slot.timer_at.is_none_or(|t| at < t)
+        {
+            slot.timer_at = Some(at);
+            self.timers.push(Reverse((at, index)));
+        }
+    }
+
+    fn act(&mut self, index: u32, action: Action<u16>, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("drive checked the slot");
+        match action {
+            Action::Connect => self.connect(index, now),
+            Action::CancelConnect => {
+                self.ring
+                    .cancel(user_data(Op::Connect, index), user_data(Op::Cancel, index));
+            }
+            Action::Recv(side) => {
+                let fd = side_fd(slot, side);
+                slot.in_flight += 1;
+                self.ring.recv(fd, user_data(Op::recv(side), index));
+            }
+            Action::Send {
+                to,
+                buf,
+                offset,
+                len,
+            } => {
+                let fd = side_fd(slot, to);
+                slot.in_flight += 1;
+                self.ring
+                    .send(fd, buf, offset, len, user_data(Op::send(to), index));
+            }
+            Action::Release(buf) => self.ring.recycle(buf),
+            Action::ShutdownWrite(side) => {
+                let socket = match side {
+                    Side::Client => Some(&slot.client),
+                    Side::Backend => slot.backend.as_ref(),
+                };
+                // ENOTCONN when the peer is already gone: the reads will tell.
+                let _ = socket.map(|s| s.shutdown(std::net::Shutdown::Write));
+            }
+            Action::QueryUnacked(side) => {
+                let socket = match side {
+                    Side::Client => Some(&slot.client),
+                    Side::Backend => slot.backend.as_ref(),
+                };
+                let unacked = socket
+                    .map(|s| sluice_uring::unacked_bytes(s.as_fd()).unwrap_or(0))
+                    .unwrap_or(0);
+                slot.conn.handle_unacked(side, unacked, now);
+            }
+            Action::Close(reason) => {
+                self.counters.listeners[slot.listener].closed[reason.kind.index()].add(1);
+                if reason.reset_client {
+                    let _ = slot.client.set_linger(Some(Duration::ZERO));
+                }
+                if reason.reset_backend
+                    && let Some(b) = &slot.backend
+                {
+                    let _ = b.set_linger(Some(Duration::ZERO));
+                }
+                slot.closing = Some(reason);
+                if slot.in_flight > 0 {
+                    let client = slot.client.as_raw_fd();
+                    let backend = slot.backend.as_ref().map(AsRawFd::as_raw_fd);
+                    self.ring.cancel_fd(client, user_data(Op::Cancel, index));
+                    if let Some(fd) = backend {
+                        self.ring.cancel_fd(fd, user_data(Op::Cancel, index));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks a backend not yet tried and starts connecting to it.
+    fn connect(&mut self, index: u32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("connect on a live slot");
+        let listener = slot.listener;
+        let Some(backends) = self.snapshot.listeners.get(listener) else {
+            slot.conn
+                .handle_connect_failed(ConnectError::NoBackend, now);
+            return;
+        };
+        if let Some(previous) = slot.backend_id {
+            if slot.tried.is_empty() {
+                slot.tried.reserve_exact(4);
+            }
+            slot.tried.push(previous);
+        }
+        let picked =
+            self.pickers[listener].pick(backends, ClientAddr(slot.client_addr), &slot.tried);
+        let Some(id) = picked else {
+            slot.conn
+                .handle_connect_failed(ConnectError::NoBackend, now);
+            return;
+        };
+        let addr = backends.backends[id.index()].addr;
+        slot.backend_id = Some(id);
+        match sockets::backend_socket(addr) {
+            Ok(socket) => {
+                let fd = socket.as_raw_fd();
+                slot.backend = Some(socket);
+                slot.in_flight += 1;
+                self.ring.connect(
+                    fd,
+                    index as usize,
+                    addr.into(),
+                    user_data(Op::Connect, index),
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not create a backend socket");
+                slot.conn.handle_connect_failed(ConnectError::Other, now);
+            }
+        }
+    }
+
+    fn accepted(&mut self, listener: usize, c: Completion, now: Instant) {
+        if !c.more() {
+            self.listeners[listener].armed = false;
+        }
+        if c.result < 0 {
+            self.accept_failed(listener, -c.result, now);
+            return;
+        }
+        let socket = socket_from_accepted(c.result);
+        if self.phase >= DRAINING {
+            return; // Dropped: closed without being served.
+        }
+        let config = self.config.clone();
+        let plan = &config.listeners[listener];
+        let active = self.shared.listener_active[listener].fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.shared.total_active.fetch_add(1, Ordering::Relaxed) + 1;
+        let over = active > plan.max_connections || total > self.config.connections_max_total;
+        if over {
+            self.shared.listener_active[listener].fetch_sub(1, Ordering::Relaxed);
+            self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
+            // A connection already taken from the backlog cannot be put back: reset it and
+            // count it; in queue mode stop taking more until there is room.
+            let _ = socket.set_linger(Some(Duration::ZERO));
+            self.counters.listeners[listener].rejected.add(1);
+            if plan.on_max_connections == OnMaxConnections::Queue {
+                self.cap_listener(listener);
+            }
+            return;
+        }
+        if plan.on_max_connections == OnMaxConnections::Queue
+            && (active >= plan.max_connections || total >= self.config.connections_max_total)
+        {
+            // The cap is reached with this one: stop accepting so the next ones wait in the
+            // kernel backlog instead of being reset.
+            self.cap_listener(listener);
+        }
+        self.counters.listeners[listener].accepted.add(1);
+        self.counters.listeners[listener].active.add(1);
+        let _ = sockets::tune(&SockRef::from(&socket));
+        let client_addr = socket
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let slot = Slot {
+            conn: Conn::new(plan.limits, now),
+            listener,
+            client: socket,
+            client_addr,
+            backend: None,
+            backend_id: None,
+            tried: Vec::new(),
+            in_flight: 0,
+            closing: None,
+            timer_at: None,
+            backend_counted: false,
+        };
+        let index = self.insert(slot);
+        self.drive(index, now);
+    }
+
+    fn accept_failed(&mut self, listener: usize, errno: i32, now: Instant) {
+        match errno {
+            libc::ECANCELED => {}
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                self.counters.accept_emfile.add(1);
+                self.listeners[listener].paused_until = Some(now + ACCEPT_PAUSE);
+                let ms = self.shared.started.elapsed().as_millis() as u64;
+                let last = self.shared.emfile_logged_ms.load(Ordering::Relaxed);
+                if (ms >= last + 1000 || last == 0)
+                    && self
+                        .shared
+                        .emfile_logged_ms
+                        .compare_exchange(last, ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        listener = %self.config.listeners[listener].name,
+                        error = %io::Error::from_raw_os_error(errno),
+                        "out of file descriptors: accepting paused for {ACCEPT_PAUSE:?}"
+                    );
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    listener = %self.config.listeners[listener].name,
+                    error = %io::Error::from_raw_os_error(errno),
+                    "accept failed; retrying after {ACCEPT_PAUSE:?}"
+                );
+                self.listeners[listener].paused_until = Some(now + ACCEPT_PAUSE);
+            }
+        }
+        if self.listeners[listener].armed {
+            // A multishot accept that reports an error but stays armed: stop it so that the
+            // pause holds (it is re-armed by `resume_accepts`).
+            self.cancel_accept(listener);
+        }
+    }
+
+    fn cap_listener(&mut self, listener: usize) {
+        self.listeners[listener].capped = true;
+        if self.listeners[listener].armed {
+            self.cancel_accept(listener);
+        }
+    }
+
+    fn cancel_accept(&mut self, listener: usize) {
+        self.ring.cancel(
+            user_data(Op::Accept, listener as u32),
+            user_data(Op::Cancel, 0),
+        );
+        self.listeners[listener].armed = false;
+    }
+
+    /// Re-arms accepts whose pause is over or whose listener has room again.
+    fn resume_accepts(&mut self, now: Instant) {
+        if self.phase >= DRAINING {
+            return;
+        }
+        let total = self.shared.total_active.load(Ordering::Relaxed);
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.paused_until.is_some_and(|t| now >= t) {
+                l.paused_until = None;
+            }
+            if l.capped {
+                let plan = &self.config.listeners[i];
+                let active = self.shared.listener_active[i].load(Ordering::Relaxed);
+                if active < plan.max_connections && total < self.config.connections_max_total {
+                    l.capped = false;
+                }
+            }
+            if !l.armed && !l.capped && l.paused_until.is_none() {
+                l.armed = true;
+                self.ring
+                    .accept_multi(l.socket.as_raw_fd(), user_data(Op::Accept, i as u32));
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if slot.timer_at != Some(at) {
+                continue; // Stale: a newer deadline was registered.
+            }
+            slot.timer_at = None;
+            slot.conn.handle_timeout(now);
+            self.drive(index, now);
+        }
+    }
+
+    /// Re-arms receives that found the pool empty, as many as there are free buffers.
+    fn feed_buffer_waiters(&mut self, now: Instant) {
+        let mut budget = self.ring.pool().free() as usize / 2;
+        while budget > 0 {
+            let Some(index) = self.buffer_waiters.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if !slot.conn.waits_for_buffers() {
+                continue;
+            }
+            budget -= 1;
+            slot.conn.handle_buffers_available();
+            self.drive(index, now);
+        }
+    }
+
+    fn adopt_snapshot(&mut self) {
+        if self.shared.snapshots.generation() != self.snapshot.generation {
+            self.snapshot = self.shared.snapshots.load();
+            self.pickers = make_pickers(&self.snapshot, self.index);
+        }
+    }
+
+    fn follow_phase(&mut self, now: Instant) {
+        let phase = self.shared.phase.load(Ordering::SeqCst);
+        if phase == self.phase {
+            return;
+        }
+        if phase >= DRAINING && self.phase < DRAINING {
+            for i in 0..self.listeners.len() {
+                if self.listeners[i].armed {
+                    self.cancel_accept(i);
+                }
+            }
+        }
+        if phase >= CLOSING {
+            for index in 0..self.slots.len() as u32 {
+                if let Some(slot) = self.slots[index as usize].as_mut() {
+                    slot.conn.handle_shutdown();
+                    self.drive(index, now);
+                }
+            }
+        }
+        self.phase = phase;
+    }
+
+    fn insert(&mut self, slot: Slot) -> u32 {
+        self.live += 1;
+        if let Some(index) = self.free_slots.pop() {
+            self.slots[index as usize] = Some(slot);
+            index
+        } else {
+            self.slots.push(Some(slot));
+            (self.slots.len() - 1) as u32
+        }
+    }
+
+    /// Frees a closed slot whose operations have all completed: closes its sockets (a reset
+    /// where the close reason says so, SO_LINGER was set at close) and updates the gauges.
+    fn free(&mut self, index: u32) {
+        let Some(slot) = self.slots[index as usize].take() else {
+            return;
+        };
+        self.free_slots.push(index);
+        self.live -= 1;
+        let counters = &self.counters.listeners[slot.listener];
+        counters.active.sub(1);
+        if slot.backend_counted
+            && let Some(b) = slot
+                .backend_id
+                .and_then(|b| counters.backends.get(b.index()))
+        {
+            b.connections_active.sub(1);
+        }
+        self.shared.listener_active[slot.listener].fetch_sub(1, Ordering::Relaxed);
+        self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
+    }
+}
+
+fn side_fd(slot: &Slot, side: Side) -> RawFd {
+    match side {
+        Side::Client => slot.client.as_raw_fd(),
+        // Actions toward the backend only come once it is connected.
+        Side::Backend => slot.backend.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+    }
+}
+
+fn make_pickers(snapshot: &Snapshot, worker: usize) -> Vec<Picker> {
+    snapshot
+        .listeners
+        .iter()
+        .map(|l| Picker::new(l, worker))
+        .collect()
+}
+
+fn socket_from_accepted(fd: i32) -> Socket {
+    // The accept completion's result is a new descriptor that nothing else refers to.
+    Socket::from(sluice_uring::take_accepted_fd(fd))
+}

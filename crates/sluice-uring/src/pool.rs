@@ -1,0 +1,155 @@
+//! The provided-buffer ring: a pool of equal buffers the kernel picks from at receive time, so
+//! that an idle connection holds no buffer.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+
+/// A registered buffer ring (`IORING_REGISTER_PBUF_RING`) and the memory of its buffers.
+///
+/// Buffer ids are `0..count`. A buffer is the kernel's while it sits in the ring; it is the
+/// caller's from the completion that names it until [`BufferPool::recycle`] gives it back.
+pub struct BufferPool {
+    entries: NonNull<BufRingEntry>,
+    entries_layout: Layout,
+    memory: NonNull<u8>,
+    memory_layout: Layout,
+    buffer_size: u32,
+    count: u16,
+    tail: u16,
+    free: u32,
+    group: u16,
+}
+
+impl std::fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("buffer_size", &self.buffer_size)
+            .field("count", &self.count)
+            .field("free", &self.free)
+            .finish()
+    }
+}
+
+const PAGE: usize = 4096;
+
+impl BufferPool {
+    /// Allocates `count` (a power of two, at most 32768) buffers of `buffer_size` bytes. The
+    /// memory is zeroed lazily by the allocator (mmap), so untouched buffers cost no RSS.
+    pub(crate) fn new(count: u16, buffer_size: u32, group: u16) -> Self {
+        assert!(
+            count.is_power_of_two() && count <= 32768,
+            "buffer count must be a power of two"
+        );
+        let entries_layout =
+            Layout::from_size_align(size_of::<BufRingEntry>() * count as usize, PAGE)
+                .expect("ring entry layout is valid: small size, page alignment");
+        let memory_layout = Layout::from_size_align(buffer_size as usize * count as usize, PAGE)
+            .expect("buffer memory layout is valid: size checked by the caller, page alignment");
+        // SAFETY: both layouts have a non-zero size (count >= 1, buffer_size >= 1 checked by
+        // `Uring::new`) and a valid alignment.
+        let entries = unsafe { alloc_zeroed(entries_layout) } as *mut BufRingEntry;
+        // SAFETY: as above.
+        let memory = unsafe { alloc_zeroed(memory_layout) };
+        let (Some(entries), Some(memory)) = (NonNull::new(entries), NonNull::new(memory)) else {
+            std::alloc::handle_alloc_error(memory_layout);
+        };
+        BufferPool {
+            entries,
+            entries_layout,
+            memory,
+            memory_layout,
+            buffer_size,
+            count,
+            tail: 0,
+            free: 0,
+            group,
+        }
+    }
+
+    /// The address of the ring entries, for registration.
+    pub(crate) fn ring_addr(&self) -> u64 {
+        self.entries.as_ptr() as u64
+    }
+
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    pub fn buffer_size(&self) -> u32 {
+        self.buffer_size
+    }
+
+    pub fn group(&self) -> u16 {
+        self.group
+    }
+
+    /// Buffers currently in the ring (available to receives).
+    pub fn free(&self) -> u32 {
+        self.free
+    }
+
+    /// Hands every buffer to the kernel; called once after registration.
+    pub(crate) fn fill(&mut self) {
+        for id in 0..self.count {
+            self.push(id);
+        }
+        self.publish();
+    }
+
+    /// Gives buffer `id` back to the kernel. The caller must own it (it came in a completion
+    /// and no operation still uses it); giving back a buffer twice corrupts streams.
+    pub fn recycle(&mut self, id: u16) {
+        debug_assert!(id < self.count);
+        self.push(id);
+        self.publish();
+    }
+
+    /// The address of byte `offset` of buffer `id`.
+    pub(crate) fn addr(&self, id: u16, offset: u32) -> *const u8 {
+        debug_assert!(id < self.count && offset <= self.buffer_size);
+        let at = id as usize * self.buffer_size as usize + offset as usize;
+        // SAFETY: `at` is within the allocation: id < count and offset <= buffer_size.
+        unsafe { self.memory.as_ptr().add(at.min(self.memory_layout.size())) }
+    }
+
+    /// Takes note that the kernel consumed one buffer (a completion named it).
+    pub(crate) fn taken(&mut self) {
+        self.free = self.free.saturating_sub(1);
+    }
+
+    fn push(&mut self, id: u16) {
+        let mask = self.count - 1;
+        let index = (self.tail & mask) as usize;
+        // SAFETY: index < count, so the entry is within the ring allocation; the kernel only
+        // reads entries between its head and our published tail, and this one lies beyond the
+        // published tail until `publish`.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(index) };
+        entry.set_addr(self.addr(id, 0) as u64);
+        entry.set_len(self.buffer_size);
+        entry.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+        self.free += 1;
+    }
+
+    fn publish(&self) {
+        // SAFETY: `entries` points to the first entry of the ring, which is initialised
+        // (zeroed at allocation); the tail field overlays the first entry's `resv` field, and a
+        // u16 at that address is 2-aligned, as AtomicU16 requires.
+        let tail = unsafe { &*(BufRingEntry::tail(self.entries.as_ptr()) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        // SAFETY: both pointers came from `alloc_zeroed` with these layouts. `Uring` drops its
+        // ring before its pool, so the kernel no longer references this memory.
+        unsafe {
+            dealloc(self.entries.as_ptr() as *mut u8, self.entries_layout);
+            dealloc(self.memory.as_ptr(), self.memory_layout);
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The ring itself: setup with the best flags the kernel has, safe submission helpers and
+//! completion reaping.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+use socket2::SockAddr;
+
+use crate::pool::BufferPool;
+
+/// Why a ring could not be set up. `Unavailable` maps to exit status 69.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// io_uring is blocked or missing: the message names the likely cause.
+    #[error("io_uring is unavailable: {0}")]
+    Unavailable(String),
+    /// Any other OS error while setting up (memory, limits).
+    #[error("io_uring setup failed: {0}")]
+    Os(#[from] io::Error),
+}
+
+/// What the ring was set up with (logged once at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    pub single_issuer: bool,
+    pub defer_taskrun: bool,
+    pub coop_taskrun: bool,
+}
+
+/// One completion, copied out of the completion queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+    pub flags: u32,
+}
+
+impl Completion {
+    /// The pool buffer this completion filled, for buffer-select receives.
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+
+    /// Whether a multishot operation stays armed after this completion.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+}
+
+/// Opcodes the data plane cannot work without.
+const REQUIRED: [(u8, &str); 8] = [
+    (opcode::AcceptMulti::CODE, "ACCEPT"),
+    (opcode::Recv::CODE, "RECV"),
+    (opcode::Send::CODE, "SEND"),
+    (opcode::Connect::CODE, "CONNECT"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
+    (opcode::Shutdown::CODE, "SHUTDOWN"),
+    (opcode::Timeout::CODE, "TIMEOUT"),
+];
+
+/// A worker's ring plus the memory its operations use. Not `Send`: a ring belongs to the thread
+/// that created it (SINGLE_ISSUER).
+pub struct Uring {
+    // Field order matters: the ring is dropped before the pool and the addresses it may
+    // reference.
+    ring: IoUring,
+    pool: BufferPool,
+    connect_addrs: Vec<Option<SockAddr>>,
+    features: Features,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("features", &self.features)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl Uring {
+    /// Sets up a ring of `entries` submission entries, a pool of `buffer_count` buffers of
+    /// `buffer_size` bytes, and room for `connect_slots` connects in flight (one per
+    /// connection slot).
+    pub fn new(
+        entries: u32,
+        buffer_count: u16,
+        buffer_size: u32,
+        connect_slots: usize,
+    ) -> Result<Uring, SetupError> {
+        if buffer_size == 0 || buffer_count == 0 {
+            return Err(SetupError::Os(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        let (ring, features) = build_ring(entries)?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(unavailable)?;
+        for (code, name) in REQUIRED {
+            if !probe.is_supported(code) {
+                return Err(SetupError::Unavailable(format!(
+                    "the kernel's io_uring lacks the {name} operation (Linux 6.0 or later needed)"
+                )));
+            }
+        }
+        let mut pool = BufferPool::new(buffer_count, buffer_size, 0);
+        // SAFETY: the ring entries are page-aligned memory of `buffer_count` entries owned by
+        // `pool`, which lives in the same `Uring` and is dropped after the ring.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                pool.ring_addr(),
+                buffer_count,
+                pool.group(),
+                0,
+            )
+        }
+        .map_err(|e| {
+            SetupError::Unavailable(format!(
+                "registering a provided-buffer ring failed ({e}): Linux 5.19 or later needed"
+            ))
+        })?;
+        pool.fill();
+        Ok(Uring {
+            ring,
+            pool,
+            connect_addrs: vec![None; connect_slots],
+            features,
+        })
+    }
+
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    /// Gives a buffer back to the kernel (see [`BufferPool::recycle`]).
+    pub fn recycle(&mut self, id: u16) {
+        self.pool.recycle(id);
+    }
+
+    /// Multishot accept on a listening socket.
+    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) {
+        let entry = opcode::AcceptMulti::new(Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// One receive into a pool buffer chosen by the kernel when bytes arrive.
+    pub fn recv(&mut self, fd: RawFd, user_data: u64) {
+        let entry = opcode::Recv::new(Fd(fd), std::ptr::null_mut(), self.pool.buffer_size())
+            .buf_group(self.pool.group())
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT);
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Sends `len` bytes of pool buffer `buf` from `offset`. The caller keeps the buffer
+    /// (does not recycle it) until this send completes.
+    pub fn send(&mut self, fd: RawFd, buf: u16, offset: u32, len: u32, user_data: u64) {
+        let len = len.min(self.pool.buffer_size().saturating_sub(offset));
+        let ptr = self.pool.addr(buf, offset);
+        let entry = opcode::Send::new(Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+            .build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Connects `fd` to `addr`. The address is kept in `slot` until the connect completes;
+    /// the caller must not start another connect on the same slot before that.
+    pub fn connect(&mut self, fd: RawFd, slot: usize, addr: SockAddr, user_data: u64) {
+        let stored = self.connect_addrs[slot].insert(addr);
+        let entry = opcode::Connect::new(Fd(fd), stored.as_ptr().cast(), stored.len()).build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Cancels every operation on `fd`; each completes with `-ECANCELED` (or its own result).
+    pub fn cancel_fd(&mut self, fd: RawFd, user_data: u64) {
+        let entry = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Cancels the operation submitted with `target` as user data.
+    pub fn cancel(&mut self, target: u64, user_data: u64) {
+        let entry = opcode::AsyncCancel::new(target).build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Multishot readiness poll (`POLLIN`) on `fd`: used for the worker's wake-up eventfd.
+    pub fn poll_in_multi(&mut self, fd: RawFd, user_data: u64) {
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Submits what is queued and waits for at least one completion or `timeout`.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let result = match timeout {
+            Some(t) => {
+                let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves every available completion into `out` (which is cleared first).
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.clear();
+        for cqe in self.ring.completion() {
+            let completion = Completion {
+                user_data: cqe.user_data(),
+                result: cqe.result(),
+                flags: cqe.flags(),
+            };
+            if completion.buffer().is_some() {
+                self.pool.taken();
+            }
+            out.push(completion);
+        }
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry built by this type references only memory owned by `self`
+            // (pool buffers, stored connect addresses) or no memory at all, and `self` keeps
+            // that memory alive until the ring is dropped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // The submission queue is full: hand it to the kernel and retry.
+            // EBUSY/EINTR: the completion queue is full or a signal came; either way the loop
+            // retries and a healthy ring drains.
+            if self.ring.submit().is_err() {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn build_ring(entries: u32) -> Result<(IoUring, Features), SetupError> {
+    let mut builder = IoUring::builder();
+    builder
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(entries * 4);
+    match builder.build(entries) {
+        Ok(ring) => {
+            return Ok((
+                ring,
+                Features {
+                    single_issuer: true,
+                    defer_taskrun: true,
+                    coop_taskrun: false,
+                },
+            ));
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(unavailable(e)),
+    }
+    let mut builder = IoUring::builder();
+    builder.setup_coop_taskrun().setup_cqsize(entries * 4);
+    match builder.build(entries) {
+        Ok(ring) => Ok((
+            ring,
+            Features {
+                single_issuer: false,
+                defer_taskrun: false,
+                coop_taskrun: true,
+            },
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .build(entries)
+            .map(|ring| {
+                (
+                    ring,
+                    Features {
+                        single_issuer: false,
+                        defer_taskrun: false,
+                        coop_taskrun: false,
+                    },
+                )
+            })
+            .map_err(unavailable),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// Explains a setup failure in the terms an operator can act on.
+fn unavailable(e: io::Error) -> SetupError {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => SetupError::Unavailable(
+            "the kernel has no io_uring (ENOSYS): Linux 6.0 or later with CONFIG_IO_URING needed"
+                .into(),
+        ),
+        Some(libc::EPERM) => SetupError::Unavailable(
+            "io_uring_setup was refused (EPERM): blocked by a seccomp profile (Docker's default, \
+             containerd 2) or by sysctl kernel.io_uring_disabled"
+                .into(),
+        ),
+        Some(libc::EINVAL) => SetupError::Unavailable(format!(
+            "io_uring_setup rejected the parameters ({e}): the kernel is too old (Linux 6.0 or \
+             later needed)"
+        )),
+        _ => SetupError::Os(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn recv_into_pool_then_send_from_it() {
+        let mut ring = Uring::new(64, 8, 4096, 1).expect("io_uring available on the test machine");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        ring.recv(server.as_raw_fd(), 1);
+        ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].result, 5);
+        let buf = out[0].buffer().expect("buffer chosen");
+        assert_eq!(ring.pool().free(), 7);
+        // Echo it back from the pool buffer.
+        ring.send(server.as_raw_fd(), buf, 1, 4, 2);
+        ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+        ring.reap(&mut out);
+        assert_eq!(out[0].user_data, 2);
+        assert_eq!(out[0].result, 4);
+        ring.recycle(buf);
+        assert_eq!(ring.pool().free(), 8);
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ello");
+        assert_eq!(
+            crate::unacked_bytes(std::os::fd::AsFd::as_fd(&server)).unwrap(),
+            0
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! `/metrics`: sums the workers' counters into the `metrics` recorder and renders Prometheus
+//! text with `metrics-exporter-prometheus`.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use sluice_dataplane::{CloseKind, DataPlane};
+
+/// What the admin endpoint renders: the data plane's counters, labelled.
+pub(crate) struct MetricsView {
+    plane: Arc<DataPlane>,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    listeners: Vec<String>,
+    /// Per listener, each backend's label (its address).
+    backends: Vec<Vec<String>>,
+}
+
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+
+impl MetricsView {
+    pub(crate) fn new(
+        plane: Arc<DataPlane>,
+        listeners: Vec<String>,
+        backends: Vec<Vec<String>>,
+    ) -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let view = MetricsView {
+            plane,
+            recorder,
+            handle,
+            listeners,
+            backends,
+        };
+        view.describe();
+        view
+    }
+
+    fn describe(&self) {
+        use metrics::Unit;
+        let d = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+            self.recorder
+                .describe_counter(name.into(), unit, text.into());
+        };
+        d(
+            "sluice_connections_accepted_total",
+            None,
+            "Client connections accepted.",
+        );
+        d(
+            "sluice_connections_closed_total",
+            None,
+            "Client connections closed, by reason.",
+        );
+        d(
+            "sluice_connections_rejected_total",
+            None,
+            "Connections reset at accept by max_connections.",
+        );
+        d(
+            "sluice_backend_connections_total",
+            None,
+            "Successful connects to a backend.",
+        );
+        d(
+            "sluice_backend_connect_failures_total",
+            None,
+            "Failed connect attempts to a backend.",
+        );
+        d(
+            "sluice_bytes_to_backend_total",
+            Some(Unit::Bytes),
+            "Bytes written to backends.",
+        );
+        d(
+            "sluice_bytes_to_client_total",
+            Some(Unit::Bytes),
+            "Bytes written to clients.",
+        );
+        self.recorder.describe_gauge(
+            "sluice_connections_active".into(),
+            None,
+            "Open client connections.".into(),
+        );
+        self.recorder.describe_gauge(
+            "sluice_backend_connections_active".into(),
+            None,
+            "Open connections to a backend.".into(),
+        );
+    }
+
+    /// Sums every worker's counters and renders the exposition text.
+    pub(crate) fn render(&self) -> String {
+        let workers = self.plane.counters();
+        for (li, name) in self.listeners.iter().enumerate() {
+            let listener = || vec![Label::new("listener", name.clone())];
+            let sum = |f: &dyn Fn(&sluice_dataplane::ListenerCounters) -> u64| -> u64 {
+                workers.iter().map(|w| f(&w.listeners[li])).sum()
+            };
+            self.counter("sluice_connections_accepted_total", listener())
+                .absolute(sum(&|l| l.accepted.get()));
+            self.counter("sluice_connections_rejected_total", listener())
+                .absolute(sum(&|l| l.rejected.get()));
+            self.gauge("sluice_connections_active", listener())
+                .set(sum(&|l| l.active.get()) as f64);
+            for kind in CloseKind::ALL {
+                let mut labels = listener();
+                labels.push(Label::new("reason", kind.as_str()));
+                self.counter("sluice_connections_closed_total", labels)
+                    .absolute(sum(&|l| l.closed[kind.index()].get()));
+            }
+            for (bi, backend) in self.backends[li].iter().enumerate() {
+                let labels = || {
+                    let mut l = listener();
+                    l.push(Label::new("backend", backend.clone()));
+                    l
+                };
+                let bsum = |f: &dyn Fn(&sluice_dataplane::BackendCounters) -> u64| -> u64 {
+                    workers
+                        .iter()
+                        .filter_map(|w| w.listeners[li].backends.get(bi))
+                        .map(f)
+                        .sum()
+                };
+                self.counter("sluice_backend_connections_total", labels())
+                    .absolute(bsum(&|b| b.connections.get()));
+                self.counter("sluice_backend_connect_failures_total", labels())
+                    .absolute(bsum(&|b| b.connect_failures.get()));
+                self.counter("sluice_bytes_to_backend_total", labels())
+                    .absolute(bsum(&|b| b.bytes_to_backend.get()));
+                self.counter("sluice_bytes_to_client_total", labels())
+                    .absolute(bsum(&|b| b.bytes_to_client.get()));
+                self.gauge("sluice_backend_connections_active", labels())
+                    .set(bsum(&|b| b.connections_active.get()) as f64);
+            }
+        }
+        self.handle.render()
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<Label>) -> Gauge {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+}

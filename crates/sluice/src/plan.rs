@@ -1,0 +1,126 @@
+//! Turns a checked config into what the data plane runs: resolved backends, the first
+//! snapshot, per-listener limits and the fd-derived connection cap.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use sluice_balance::{Algorithm, Backend, BackendId, ListenerBackends, Snapshot};
+use sluice_config::{BackendAddress, Config, ConfigError, ConfigErrors, Workers};
+use sluice_dataplane::{Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER};
+
+/// A config with every hostname resolved.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    pub config: Config,
+    /// Per listener, per backend: the address to connect to.
+    pub backends: Vec<Vec<SocketAddr>>,
+}
+
+/// Resolves every backend hostname once (the first address the resolver returns). An address
+/// that does not resolve is a config error at the backend's line.
+pub(crate) fn resolve(config: Config, file: &Path) -> Result<Resolved, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut backends = Vec::with_capacity(config.listeners.len());
+    for (li, listener) in config.listeners.iter().enumerate() {
+        let mut addrs = Vec::with_capacity(listener.backends.len());
+        for (bi, backend) in listener.backends.iter().enumerate() {
+            match &backend.address {
+                BackendAddress::Ip(addr) => addrs.push(*addr),
+                BackendAddress::Host { host, port } => {
+                    match (host.as_str(), *port)
+                        .to_socket_addrs()
+                        .map(|mut a| a.next())
+                    {
+                        Ok(Some(addr)) => addrs.push(addr),
+                        Ok(None) | Err(_) => errors.push(ConfigError::new(
+                            file,
+                            backend.location,
+                            format!("listeners[{li}].backends[{bi}]"),
+                            format!("cannot resolve hostname {host:?}"),
+                        )),
+                    }
+                }
+            }
+        }
+        backends.push(addrs);
+    }
+    if errors.is_empty() {
+        Ok(Resolved { config, backends })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The first snapshot: every backend up, as configured.
+pub(crate) fn snapshot(resolved: &Resolved) -> Snapshot {
+    let listeners = resolved
+        .config
+        .listeners
+        .iter()
+        .zip(&resolved.backends)
+        .map(|(listener, addrs)| ListenerBackends {
+            algorithm: match listener.algorithm {
+                sluice_config::Algorithm::RoundRobin => Algorithm::RoundRobin,
+            },
+            backends: listener
+                .backends
+                .iter()
+                .zip(addrs)
+                .enumerate()
+                .map(|(i, (spec, addr))| Backend {
+                    id: BackendId(i as u32),
+                    addr: *addr,
+                    weight: spec.weight,
+                })
+                .collect(),
+        })
+        .collect();
+    Snapshot {
+        generation: 1,
+        listeners,
+    }
+}
+
+/// The number of workers `workers: auto` means: the CPUs this process may run on.
+pub(crate) fn worker_count(workers: Workers) -> usize {
+    match workers {
+        Workers::Count(n) => n.get(),
+        Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// The data plane's configuration, given the fd limit in force.
+pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
+    let workers = worker_count(config.workers);
+    let cap = sluice_dataplane::connections_for_budget(fd_limit, workers, config.listeners.len());
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| ListenerPlan {
+            name: l.name.clone(),
+            bind: l.bind,
+            limits: Limits {
+                connect_timeout: l.timeouts.connect,
+                idle_timeout: l.timeouts.idle,
+                half_close_timeout: l.timeouts.half_close,
+                retries: l.retries,
+                reset_linger: RESET_LINGER,
+            },
+            max_connections: if l.max_connections == 0 {
+                cap
+            } else {
+                l.max_connections
+            },
+            on_max_connections: match l.on_max_connections {
+                sluice_config::OnMaxConnections::Queue => OnMaxConnections::Queue,
+                sluice_config::OnMaxConnections::Reject => OnMaxConnections::Reject,
+            },
+        })
+        .collect();
+    PlaneConfig {
+        workers,
+        listeners,
+        connections_max_total: cap,
+        pin_workers: true,
+    }
+}

@@ -1,0 +1,223 @@
+//! `sluice check` and `sluice run`: start-up, readiness, and the signal-driven shutdown.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_balance::SnapshotCell;
+use sluice_dataplane::{DataPlane, StartError};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::exit;
+use crate::plan::{self, Resolved};
+
+/// Loads, checks and resolves the config; prints errors (one per line) on failure.
+fn load(path: &Path) -> Result<Resolved, ExitCode> {
+    let config = sluice_config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(exit::USAGE)
+    })?;
+    plan::resolve(config, path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(exit::USAGE)
+    })
+}
+
+/// `sluice check`: validate and summarise.
+pub(crate) fn check(path: &Path) -> ExitCode {
+    let resolved = match load(path) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let config = &resolved.config;
+    println!("{}: ok", path.display());
+    println!(
+        "workers: {} ({})",
+        plan::worker_count(config.workers),
+        match config.workers {
+            sluice_config::Workers::Auto => "auto",
+            sluice_config::Workers::Count(_) => "fixed",
+        }
+    );
+    match &config.admin {
+        Some(admin) => println!("admin: http://{}/metrics", admin.bind),
+        None => println!("admin: off"),
+    }
+    for (listener, addrs) in config.listeners.iter().zip(&resolved.backends) {
+        let t = &listener.timeouts;
+        println!(
+            "listener {} tcp {} round_robin: {} backend(s), connect {:?}, idle {}, half_close {}, \
+             max_connections {}, on_max_connections {:?}, retries {}",
+            listener.name,
+            listener.bind,
+            listener.backends.len(),
+            t.connect,
+            off_or(t.idle),
+            off_or(t.half_close),
+            if listener.max_connections == 0 {
+                "auto".to_string()
+            } else {
+                listener.max_connections.to_string()
+            },
+            listener.on_max_connections,
+            listener.retries,
+        );
+        for (spec, addr) in listener.backends.iter().zip(addrs) {
+            let written = spec.address.to_string();
+            let resolved = if written == addr.to_string() {
+                String::new()
+            } else {
+                format!(" -> {addr}")
+            };
+            println!("  backend {written}{resolved} weight {}", spec.weight);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn off_or(d: Duration) -> String {
+    if d.is_zero() {
+        "off".into()
+    } else {
+        format!("{d:?}")
+    }
+}
+
+/// `sluice run`: start the data plane, then the control plane on this thread.
+pub(crate) fn run(path: &Path) -> ExitCode {
+    let resolved = match load(path) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let fd_limit = sluice_dataplane::raise_fd_limit();
+    let plane_config = plan::plane(&resolved.config, fd_limit);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        workers = plane_config.workers,
+        fd_limit,
+        connections_max = plane_config.connections_max_total,
+        "starting"
+    );
+    let snapshots = Arc::new(SnapshotCell::new(plan::snapshot(&resolved)));
+    let plane = match sluice_dataplane::start(plane_config, snapshots) {
+        Ok(plane) => Arc::new(plane),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sluice: {e}");
+            return ExitCode::from(match e {
+                StartError::Uring(sluice_uring_error) => {
+                    let _ = sluice_uring_error;
+                    exit::UNAVAILABLE
+                }
+                StartError::Os { .. } => exit::OS_ERROR,
+            });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: starting the control plane: {e}");
+            plane.close_all();
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
+    let config = resolved.config;
+    runtime.block_on(async move {
+        if let Some(admin) = config.admin {
+            let names = config.listeners.iter().map(|l| l.name.clone()).collect();
+            let backends = resolved
+                .backends
+                .iter()
+                .map(|addrs| addrs.iter().map(ToString::to_string).collect())
+                .collect();
+            let view = crate::metrics_render::MetricsView::new(plane.clone(), names, backends);
+            if let Err(e) = crate::admin::serve(admin.bind, view).await {
+                eprintln!("sluice: admin endpoint {}: {e}", admin.bind);
+                plane.close_all();
+                return ExitCode::from(exit::OS_ERROR);
+            }
+        }
+        for listener in &config.listeners {
+            tracing::info!(listener = %listener.name, bind = %listener.bind, "listening");
+        }
+        tracing::info!("sluice ready");
+        wait_for_shutdown(&plane, config.shutdown_timeout).await
+    })
+}
+
+/// Waits for SIGTERM/SIGINT, drains, and exits once no connection remains or at
+/// `shutdown_timeout`; a second signal closes everything at once.
+async fn wait_for_shutdown(plane: &DataPlane, shutdown_timeout: Duration) -> ExitCode {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("sluice: cannot install signal handlers");
+        plane.close_all();
+        return ExitCode::from(exit::OS_ERROR);
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = watch_workers(plane) => {
+            tracing::error!("every worker stopped");
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    }
+    let open = plane.active_connections();
+    tracing::info!(
+        open,
+        ?shutdown_timeout,
+        "shutting down: no longer accepting"
+    );
+    plane.drain();
+    let drained = async {
+        while !plane.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        _ = drained => {
+            tracing::info!("all connections done; exiting");
+        }
+        _ = tokio::time::sleep(shutdown_timeout) => {
+            tracing::info!(open = plane.active_connections(), "shutdown_timeout reached; closing");
+            plane.close_all();
+            wait_finished(plane).await;
+        }
+        _ = term.recv() => { second_signal(plane).await; }
+        _ = int.recv() => { second_signal(plane).await; }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn second_signal(plane: &DataPlane) {
+    tracing::info!(
+        open = plane.active_connections(),
+        "second signal: closing everything now"
+    );
+    plane.close_all();
+    wait_finished(plane).await;
+}
+
+/// Bounded wait for the workers to finish closing (they cancel and reap their operations).
+async fn wait_finished(plane: &DataPlane) {
+    for _ in 0..300 {
+        if plane.is_finished() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::warn!("workers still closing after 3 s; exiting anyway");
+}
+
+/// Resolves if every worker thread stops on its own (an OS error in every ring).
+async fn watch_workers(plane: &DataPlane) {
+    while !plane.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

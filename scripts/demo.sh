@@ -27,11 +27,12 @@ target/release/sluice run -c "$dir/sluice.yaml" 2>"$dir/sluice.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q "sluice ready" "$dir/sluice.log" && break; sleep 0.1; done
 grep -q "sluice ready" "$dir/sluice.log" || { cat "$dir/sluice.log"; exit 1; }
-echo "== Sluice on 127.0.0.1:16379 -> redis on :16391 and :16392"
+echo "== Sluice on 127.0.0.1:16379 -> redis-server on :16391 and :16392 (round-robin)"
 for i in 1 2 3 4; do
-  redis-cli -p 16379 SET "demo:$i" "value-$i" >/dev/null
-  echo "GET demo:$i through Sluice -> $(redis-cli -p 16379 GET "demo:$i") (keys on :16391: $(redis-cli -p 16391 DBSIZE), on :16392: $(redis-cli -p 16392 DBSIZE))"
+  port=$(redis-cli -p 16379 INFO server | tr -d '\r' | sed -n 's/^tcp_port://p')
+  echo "connection $i through Sluice answered by the redis-server on port $port"
 done
+echo "SET then GET on one connection: $(printf 'SET demo:k v1\r\nGET demo:k\r\n' | redis-cli -p 16379 | tail -1)"
 echo "== redis-benchmark through Sluice (SET/GET, 50 clients, 20000 requests each)"
 redis-benchmark -p 16379 -t set,get -n 20000 -c 50 -q
 echo "== /metrics"

@@ -3,7 +3,7 @@
 # (redis-server, redis-benchmark, iperf3, socat) and the balancers we compare against (HAProxy,
 # nginx with its stream module). Idempotent; needs root (or sudo).
 set -euo pipefail
-pkgs=(redis-server redis-tools iperf3 socat haproxy nginx-light libnginx-mod-stream procps iproute2 curl)
+pkgs=(redis-server redis-tools iperf3 socat haproxy nginx-light libnginx-mod-stream procps iproute2 curl python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -104,12 +104,8 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("sluice: {e}");
             return ExitCode::from(match e {
-                StartError::Uring(sluice_uring_error) => {
-                    let _ = sluice_uring_error;
-                    exit::UNAVAILABLE
-                }
+                StartError::Uring(_) => exit::UNAVAILABLE,
                 StartError::Os { .. } => exit::OS_ERROR,
             });
         }

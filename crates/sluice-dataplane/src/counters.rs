@@ -52,6 +52,11 @@ pub struct ListenerCounters {
     pub active: Counter,
     /// Reset at accept because `max_connections` was reached with `on_max_connections: reject`.
     pub rejected: Counter,
+    /// Times accepting stopped because `max_connections` (or the fd-budget cap) was reached
+    /// in queue mode: new connections then wait in the kernel backlog.
+    pub paused_at_cap: Counter,
+    /// Accepts that failed for lack of file descriptors (EMFILE/ENFILE) or memory.
+    pub accept_fd_exhausted: Counter,
     /// Indexed by [`CloseKind::index`].
     pub closed: [Counter; CloseKind::ALL.len()],
     /// Indexed by backend id (the listener's backend list at start).
@@ -64,6 +69,8 @@ impl ListenerCounters {
             accepted: Counter::default(),
             active: Counter::default(),
             rejected: Counter::default(),
+            paused_at_cap: Counter::default(),
+            accept_fd_exhausted: Counter::default(),
             closed: Default::default(),
             backends: (0..backends).map(|_| BackendCounters::default()).collect(),
         }
@@ -76,8 +83,6 @@ pub struct WorkerCounters {
     pub listeners: Vec<ListenerCounters>,
     /// Receives that found the buffer pool empty (each re-armed later).
     pub buffer_waits: Counter,
-    /// Accepts that failed for lack of file descriptors.
-    pub accept_emfile: Counter,
 }
 
 impl WorkerCounters {
@@ -88,7 +93,6 @@ impl WorkerCounters {
                 .map(|&n| ListenerCounters::new(n))
                 .collect(),
             buffer_waits: Counter::default(),
-            accept_emfile: Counter::default(),
         }
     }
 }

@@ -23,8 +23,8 @@ use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError
 const RING_ENTRIES: u32 = 4096;
 /// Buffers in the worker's pool and their size: 2048 x 16 KiB = 32 MiB of address space,
 /// touched (RSS) only as traffic uses them. A connection holds at most 4 (2 per direction).
-const BUFFER_COUNT: u16 = 2048;
-const BUFFER_SIZE: u32 = 16 * 1024;
+const BUFFER_COUNT: u16 = 512;
+const BUFFER_SIZE: u32 = 64 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -584,7 +584,7 @@ impl Worker {
         match errno {
             libc::ECANCELED => {}
             libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
-                self.counters.accept_emfile.add(1);
+                self.counters.listeners[listener].accept_fd_exhausted.add(1);
                 self.listeners[listener].paused_until = Some(now + ACCEPT_PAUSE);
                 let ms = self.shared.started.elapsed().as_millis() as u64;
                 let last = self.shared.emfile_logged_ms.load(Ordering::Relaxed);
@@ -619,6 +619,9 @@ impl Worker {
     }
 
     fn cap_listener(&mut self, listener: usize) {
+        if !self.listeners[listener].capped {
+            self.counters.listeners[listener].paused_at_cap.add(1);
+        }
         self.listeners[listener].capped = true;
         if self.listeners[listener].armed {
             self.cancel_accept(listener);

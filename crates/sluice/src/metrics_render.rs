@@ -45,6 +45,11 @@ impl MetricsView {
                 .describe_counter(name.into(), unit, text.into());
         };
         d(
+            "sluice_accept_paused_total",
+            None,
+            "Times accepting paused, by reason (max_connections in queue mode, fd_exhausted).",
+        );
+        d(
             "sluice_connections_accepted_total",
             None,
             "Client connections accepted.",
@@ -105,6 +110,15 @@ impl MetricsView {
                 .absolute(sum(&|l| l.rejected.get()));
             self.gauge("sluice_connections_active", listener())
                 .set(sum(&|l| l.active.get()) as f64);
+            for (reason, value) in [
+                ("max_connections", sum(&|l| l.paused_at_cap.get())),
+                ("fd_exhausted", sum(&|l| l.accept_fd_exhausted.get())),
+            ] {
+                let mut labels = listener();
+                labels.push(Label::new("reason", reason));
+                self.counter("sluice_accept_paused_total", labels)
+                    .absolute(value);
+            }
             for kind in CloseKind::ALL {
                 let mut labels = listener();
                 labels.push(Label::new("reason", kind.as_str()));

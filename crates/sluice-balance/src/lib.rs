@@ -83,7 +83,9 @@ impl Picker {
     /// workers so that N workers do not all start on the first backend.
     pub fn new(listener: &ListenerBackends, offset: usize) -> Self {
         match listener.algorithm {
-            Algorithm::RoundRobin => Picker::RoundRobin(RoundRobin::new(&listener.backends, offset)),
+            Algorithm::RoundRobin => {
+                Picker::RoundRobin(RoundRobin::new(&listener.backends, offset))
+            }
         }
     }
 
@@ -109,7 +111,9 @@ pub struct SnapshotCell {
 
 impl SnapshotCell {
     pub fn new(snapshot: Snapshot) -> Self {
-        SnapshotCell { current: ArcSwap::from_pointee(snapshot) }
+        SnapshotCell {
+            current: ArcSwap::from_pointee(snapshot),
+        }
     }
 
     /// The newest snapshot. Cheap (no lock, no allocation); call it between batches.
@@ -149,9 +153,15 @@ mod tests {
 
     #[test]
     fn cell_publishes_new_generation_and_old_snapshot_survives_while_held() {
-        let cell = SnapshotCell::new(Snapshot { generation: 1, listeners: vec![listener(&[1])] });
+        let cell = SnapshotCell::new(Snapshot {
+            generation: 1,
+            listeners: vec![listener(&[1])],
+        });
         let held = cell.load();
-        cell.publish(Snapshot { generation: 2, listeners: vec![listener(&[1, 1])] });
+        cell.publish(Snapshot {
+            generation: 2,
+            listeners: vec![listener(&[1, 1])],
+        });
         assert_eq!(held.generation, 1);
         assert_eq!(held.listeners[0].backends.len(), 1);
         assert_eq!(cell.generation(), 2);

@@ -13,7 +13,9 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// `offset` rotates the starting point so that workers do not move in lockstep.
     pub fn new(backends: &[Backend], offset: usize) -> Self {
-        let mut rr = RoundRobin { current: vec![0; backends.len()] };
+        let mut rr = RoundRobin {
+            current: vec![0; backends.len()],
+        };
         for _ in 0..offset % backends.len().max(1) {
             rr.pick(backends, &[]);
         }

@@ -21,10 +21,15 @@ use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 4096;
-/// Buffers in the worker's pool and their size: 2048 x 16 KiB = 32 MiB of address space,
-/// touched (RSS) only as traffic uses them. A connection holds at most 4 (2 per direction).
-const BUFFER_COUNT: u16 = 512;
-const BUFFER_SIZE: u32 = 64 * 1024;
+/// Buffers in the worker's pool and their size: 4096 x 16 KiB = 64 MiB of address space. A
+/// connection holds at most 4 (2 per direction), so 1024 connections moving bytes both ways
+/// at once never find the pool empty. Only `RING_LOW` of them start in the kernel's ring;
+/// the rest are touched (and count in RSS) only when the load needs them.
+const BUFFER_COUNT: u16 = 4096;
+const BUFFER_SIZE: u32 = 16 * 1024;
+/// The kernel's ring is topped up from the pool's reserve to this many free buffers after
+/// every batch.
+const RING_LOW: u32 = 256;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -183,6 +188,7 @@ impl Worker {
             RING_ENTRIES,
             BUFFER_COUNT,
             BUFFER_SIZE,
+            RING_LOW,
             slots_max.min(1 << 24),
         )?;
         if index == 0 {
@@ -236,6 +242,7 @@ impl Worker {
                 self.complete(*completion, now);
             }
             self.completions = completions;
+            self.ring.top_up(RING_LOW);
             self.fire_timers(now);
             self.feed_buffer_waiters(now);
             self.adopt_snapshot();

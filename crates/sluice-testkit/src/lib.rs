@@ -1,1 +1,42 @@
-//! TODO
+//! Test support for Sluice's end-to-end tests: real sockets on loopback, real bytes, real processes.
+//!
+//! What it offers:
+//! - [`EchoServer`]: a loopback TCP backend that echoes (carrying half-close) or misbehaves on
+//!   purpose ([`Behavior`]: greet first, send then reset, send then FIN while still reading), and
+//!   counts and records its connections; [`refusing_addr`] is an address where nothing listens.
+//! - Clients: [`verify_echo`] writes a [`SeededStream`] (seeded pseudo-random bytes in writes of
+//!   1 B ..= 300 KB), half-closes, reads everything back concurrently and compares SHA-256 and
+//!   counts ([`StreamSummary`]); [`read_to_end`] tells a clean EOF from a reset.
+//! - [`Sluice`]: the binary under test as a child process, started from a YAML string, ready once
+//!   it logs `sluice ready`, observed through /proc (RSS, fds, CPU time), stopped with SIGTERM,
+//!   killed on drop; [`check_config`] and [`run_with_timeout`] for one-shot commands.
+//! - [`scrape_metrics`]: the admin endpoint's Prometheus text as a map keyed by [`series`].
+//! - [`free_addr`] and friends: loopback ports for tests running in parallel.
+//!
+//! What it does not do: it knows nothing of Sluice's crates (it drives the binary from outside,
+//! as a user would), and it never waits without a bound: every wait and loop here has a deadline.
+//! It uses std threads, not an async runtime, so a stuck test shows plain thread stacks.
+
+mod addr;
+mod client;
+mod data;
+mod echo;
+mod metrics;
+mod process;
+mod tcp;
+
+pub use addr::{free_addr, free_addr_v6, free_port, ipv6_loopback_available, refusing_addr};
+pub use client::{
+    CONNECT_TIMEOUT, ReadOutcome, StreamEnd, VerifyError, VerifyReport, assert_echo, read_to_end,
+    read_up_to, verify_echo, verify_echo_many, write_stream,
+};
+pub use data::{Checksum, MAX_WRITE, SeededStream, StreamSummary, summary_of};
+pub use echo::{Behavior, ConnRecord, EchoServer};
+pub use metrics::{HttpResponse, http_get, parse_prometheus, scrape_metrics, series, wait_metric};
+/// Signals for [`Sluice::signal`].
+pub use nix::sys::signal::Signal;
+pub use process::{
+    CommandOutput, ConfigFile, READY_MARKER, READY_TIMEOUT, Sluice, StartError, check_config,
+    run_config_command, run_with_timeout,
+};
+pub use tcp::{send_queue, wait_acknowledged};

@@ -11,6 +11,12 @@ use io_uring::types::BufRingEntry;
 ///
 /// Buffer ids are `0..count`. A buffer is the kernel's while it sits in the ring; it is the
 /// caller's from the completion that names it until [`BufferPool::recycle`] gives it back.
+///
+/// The kernel consumes a buffer ring in FIFO order, so every buffer in the ring gets touched
+/// (and counts in RSS) as traffic cycles through it. To keep the working set proportional to
+/// the load rather than to the pool, only `ring_initial` buffers start in the ring; the rest
+/// wait in `reserve` (never touched) and [`BufferPool::top_up`] moves them into the ring only
+/// when it runs low.
 pub struct BufferPool {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
@@ -21,6 +27,8 @@ pub struct BufferPool {
     tail: u16,
     free: u32,
     group: u16,
+    /// Buffer ids never handed to the kernel yet (untouched memory).
+    reserve: Vec<u16>,
 }
 
 impl std::fmt::Debug for BufferPool {
@@ -39,6 +47,8 @@ impl BufferPool {
     /// Allocates `count` (a power of two, at most 32768) buffers of `buffer_size` bytes. The
     /// memory is zeroed lazily by the allocator (mmap), so untouched buffers cost no RSS.
     pub(crate) fn new(count: u16, buffer_size: u32, group: u16) -> Self {
+        // Ids come out of the reserve from the top: keep the low ids first in line.
+        let reserve = (0..count).rev().collect();
         assert!(
             count.is_power_of_two() && count <= 32768,
             "buffer count must be a power of two"
@@ -66,6 +76,7 @@ impl BufferPool {
             tail: 0,
             free: 0,
             group,
+            reserve,
         }
     }
 
@@ -91,12 +102,23 @@ impl BufferPool {
         self.free
     }
 
-    /// Hands every buffer to the kernel; called once after registration.
-    pub(crate) fn fill(&mut self) {
-        for id in 0..self.count {
+    /// Buffers never used yet, kept out of the ring.
+    pub fn reserve(&self) -> usize {
+        self.reserve.len()
+    }
+
+    /// Moves buffers from the reserve into the ring until it holds at least `low` (or the
+    /// reserve is empty). Called once after registration and after every completion batch.
+    pub fn top_up(&mut self, low: u32) {
+        let mut pushed = false;
+        while self.free < low {
+            let Some(id) = self.reserve.pop() else { break };
             self.push(id);
+            pushed = true;
         }
-        self.publish();
+        if pushed {
+            self.publish();
+        }
     }
 
     /// Gives buffer `id` back to the kernel. The caller must own it (it came in a completion

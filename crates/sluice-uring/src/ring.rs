@@ -84,12 +84,14 @@ impl std::fmt::Debug for Uring {
 
 impl Uring {
     /// Sets up a ring of `entries` submission entries, a pool of `buffer_count` buffers of
-    /// `buffer_size` bytes, and room for `connect_slots` connects in flight (one per
+    /// `buffer_size` bytes of which `ring_initial` start in the kernel's ring (see
+    /// [`BufferPool::top_up`]), and room for `connect_slots` connects in flight (one per
     /// connection slot).
     pub fn new(
         entries: u32,
         buffer_count: u16,
         buffer_size: u32,
+        ring_initial: u32,
         connect_slots: usize,
     ) -> Result<Uring, SetupError> {
         if buffer_size == 0 || buffer_count == 0 {
@@ -123,7 +125,7 @@ impl Uring {
                 "registering a provided-buffer ring failed ({e}): Linux 5.19 or later needed"
             ))
         })?;
-        pool.fill();
+        pool.top_up(ring_initial.clamp(1, u32::from(buffer_count)));
         Ok(Uring {
             ring,
             pool,
@@ -138,6 +140,11 @@ impl Uring {
 
     pub fn pool(&self) -> &BufferPool {
         &self.pool
+    }
+
+    /// Refills the kernel's ring from the reserve (see [`BufferPool::top_up`]).
+    pub fn top_up(&mut self, low: u32) {
+        self.pool.top_up(low);
     }
 
     /// Gives a buffer back to the kernel (see [`BufferPool::recycle`]).
@@ -337,7 +344,8 @@ mod tests {
 
     #[test]
     fn recv_into_pool_then_send_from_it() {
-        let mut ring = Uring::new(64, 8, 4096, 1).expect("io_uring available on the test machine");
+        let mut ring =
+            Uring::new(64, 8, 4096, 8, 1).expect("io_uring available on the test machine");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sluice_balance::SnapshotCell;
 use sluice_dataplane::{DataPlane, StartError};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::exit;
 use crate::plan::{self, Resolved};
@@ -123,6 +123,16 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     };
     let config = resolved.config;
     runtime.block_on(async move {
+        // Signal handlers go in before readiness is announced: a SIGTERM right after
+        // "sluice ready" must drain, not kill.
+        let (Ok(term), Ok(int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            eprintln!("sluice: cannot install signal handlers");
+            plane.close_all();
+            return ExitCode::from(exit::OS_ERROR);
+        };
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
             let backends = resolved
@@ -141,21 +151,18 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             tracing::info!(listener = %listener.name, bind = %listener.bind, "listening");
         }
         tracing::info!("sluice ready");
-        wait_for_shutdown(&plane, config.shutdown_timeout).await
+        wait_for_shutdown(&plane, config.shutdown_timeout, term, int).await
     })
 }
 
 /// Waits for SIGTERM/SIGINT, drains, and exits once no connection remains or at
 /// `shutdown_timeout`; a second signal closes everything at once.
-async fn wait_for_shutdown(plane: &DataPlane, shutdown_timeout: Duration) -> ExitCode {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("sluice: cannot install signal handlers");
-        plane.close_all();
-        return ExitCode::from(exit::OS_ERROR);
-    };
+async fn wait_for_shutdown(
+    plane: &DataPlane,
+    shutdown_timeout: Duration,
+    mut term: Signal,
+    mut int: Signal,
+) -> ExitCode {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -1,0 +1,122 @@
+//! Shared by the end-to-end tests: the binary's path, config builders, and the macro that runs
+//! each scenario with one worker and with two.
+
+#![allow(dead_code)] // Each test file uses its own part of this module.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_testkit::{Sluice, free_addr};
+
+/// Upper bound for one test's traffic; generous for a debug build on two cores.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The binary under test, built by Cargo for these tests.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+/// One listener of a config.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// `name`.
+    pub name: String,
+    /// `bind`.
+    pub bind: SocketAddr,
+    /// Backends in the short form.
+    pub backends: Vec<SocketAddr>,
+    /// More keys for the listener, one per line, without indentation (`retries: 1`).
+    pub extra: Vec<String>,
+}
+
+impl Listener {
+    /// A tcp round-robin listener named `name` on a fresh loopback port.
+    pub fn new(name: &str, backends: &[SocketAddr]) -> Self {
+        Self {
+            name: name.to_owned(),
+            bind: free_addr(),
+            backends: backends.to_vec(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds one `key: value` line to the listener.
+    pub fn with(mut self, line: &str) -> Self {
+        self.extra.push(line.to_owned());
+        self
+    }
+
+    /// Binds on `bind` instead.
+    pub fn bind(mut self, bind: SocketAddr) -> Self {
+        self.bind = bind;
+        self
+    }
+}
+
+/// A whole config: `workers`, optional `admin.bind`, top-level extras, and the listeners.
+pub fn config(
+    workers: usize,
+    admin: Option<SocketAddr>,
+    top: &[&str],
+    listeners: &[Listener],
+) -> String {
+    let mut yaml = format!("workers: {workers}\n");
+    for line in top {
+        writeln!(yaml, "{line}").unwrap();
+    }
+    if let Some(admin) = admin {
+        writeln!(yaml, "admin:\n  bind: \"{admin}\"").unwrap();
+    }
+    yaml.push_str("listeners:\n");
+    for listener in listeners {
+        writeln!(
+            yaml,
+            "  - name: {}\n    protocol: tcp\n    bind: \"{}\"",
+            listener.name, listener.bind
+        )
+        .unwrap();
+        yaml.push_str("    algorithm: round_robin\n    backends:\n");
+        for backend in &listener.backends {
+            writeln!(yaml, "      - \"{backend}\"").unwrap();
+        }
+        for line in &listener.extra {
+            writeln!(yaml, "    {line}").unwrap();
+        }
+    }
+    yaml
+}
+
+/// Starts Sluice with one listener to `backends`; returns it and the listener's address.
+pub fn start(workers: usize, backends: &[SocketAddr]) -> (Sluice, SocketAddr) {
+    start_listener(workers, Listener::new("test", backends))
+}
+
+/// Starts Sluice with `listener` alone; returns it and the listener's address.
+pub fn start_listener(workers: usize, listener: Listener) -> (Sluice, SocketAddr) {
+    let bind = listener.bind;
+    let sluice = Sluice::start(binary(), &config(workers, None, &[], &[listener]));
+    (sluice, bind)
+}
+
+/// For each scenario `fn name(workers: usize)`, defines `mod name` with two tests, `workers_1` and
+/// `workers_2`, so a failure names the scenario and the worker count.
+#[macro_export]
+macro_rules! with_workers_1_and_2 {
+    ($($scenario:ident),+ $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn workers_1() {
+                    super::$scenario(1);
+                }
+
+                #[test]
+                fn workers_2() {
+                    super::$scenario(2);
+                }
+            }
+        )+
+    };
+}

@@ -135,6 +135,29 @@ fn the_valid_base_config_passes_check() {
     );
 }
 
+/// The example shipped in deploy/ loads, and `check` summarises its listener and backends.
+#[test]
+fn the_deploy_example_passes_check_with_a_summary() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/sluice.yaml");
+    let mut command = std::process::Command::new(binary());
+    command.args(["check", "-c", path]);
+    let output = sluice_testkit::run_with_timeout(&mut command, std::time::Duration::from_secs(10))
+        .expect("sluice check runs");
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{}", output.stderr);
+    for expected in [
+        "listener redis tcp 0.0.0.0:6379",
+        "backend 10.0.0.1:6379 weight 1",
+        "backend 10.0.0.2:6379 weight 2",
+        "admin: http://127.0.0.1:9900/metrics",
+    ] {
+        assert!(
+            output.stdout.contains(expected),
+            "missing {expected:?} in:\n{}",
+            output.stdout
+        );
+    }
+}
+
 #[test]
 fn check_rejects_each_bad_config_naming_line_and_field() {
     let mut failures = Vec::new();

@@ -99,6 +99,9 @@ pub enum RecvOutcome<B> {
     NoBuffers,
     /// The receive was cancelled (the connection is closing).
     Cancelled,
+    /// Nothing was received and the receive ended anyway (EAGAIN, which io_uring can report
+    /// under load even on a waiting receive): arm it again.
+    WouldBlock,
     /// Any other error: treated like a reset of that side.
     Error,
 }
@@ -106,7 +109,8 @@ pub enum RecvOutcome<B> {
 /// The result of one send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOutcome {
-    /// `n` bytes of the chunk were written (may be fewer than asked).
+    /// `n` bytes of the chunk were written (may be fewer than asked, even zero on EAGAIN:
+    /// the rest is sent again).
     Sent(u32),
     /// The peer is gone (EPIPE, ECONNRESET): treated like a reset of that side.
     Reset,

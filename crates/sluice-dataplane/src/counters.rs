@@ -29,6 +29,11 @@ impl Counter {
         );
     }
 
+    /// Sets a gauge. Only the owning worker calls this.
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -83,6 +88,10 @@ pub struct WorkerCounters {
     pub listeners: Vec<ListenerCounters>,
     /// Receives that found the buffer pool empty (each re-armed later).
     pub buffer_waits: Counter,
+    /// Pipes leased for splicing now (a gauge).
+    pub pipes_leased: Counter,
+    /// Pipes the kernel made smaller than asked (fs.pipe-user-pages-soft): copied instead.
+    pub pipes_shrunk: Counter,
 }
 
 impl WorkerCounters {
@@ -93,6 +102,8 @@ impl WorkerCounters {
                 .map(|&n| ListenerCounters::new(n))
                 .collect(),
             buffer_waits: Counter::default(),
+            pipes_leased: Counter::default(),
+            pipes_shrunk: Counter::default(),
         }
     }
 }

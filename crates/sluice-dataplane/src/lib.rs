@@ -14,6 +14,7 @@
 //! Main types: [`PlaneConfig`], [`ListenerPlan`], [`DataPlane`], [`WorkerCounters`].
 
 mod counters;
+mod pipes;
 mod sockets;
 mod worker;
 
@@ -28,7 +29,7 @@ use sluice_balance::SnapshotCell;
 
 pub use counters::{BackendCounters, Counter, ListenerCounters, WorkerCounters};
 pub use sluice_conn::{CloseKind, Limits};
-pub use sockets::{connections_for_budget, raise_fd_limit};
+pub use sockets::{connections_for_budget, pipes_for_budget, raise_fd_limit};
 pub use worker::RESET_LINGER;
 
 /// What to do with a new connection beyond `max_connections`.
@@ -60,6 +61,8 @@ pub struct PlaneConfig {
     pub connections_max_total: u32,
     /// Pin worker `i` to the `i`-th allowed CPU.
     pub pin_workers: bool,
+    /// Pipes each worker may lease for splice forwarding (0 = always copy).
+    pub pipes_per_worker: usize,
 }
 
 /// Why the data plane could not start.

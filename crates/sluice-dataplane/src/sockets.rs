@@ -64,11 +64,18 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// How many pipes each worker may lease for splice forwarding: at most 256, and never more
+/// than a sixteenth of the fd budget (each pipe costs two descriptors).
+pub fn pipes_for_budget(fd_limit: u64, workers: usize) -> usize {
+    (fd_limit / 16 / workers.max(1) as u64).min(256) as usize
+}
+
 /// How many proxied connections the fd budget allows: two sockets per connection, after a
-/// reserve for listeners (one per listener per worker), rings, eventfds, the admin endpoint,
-/// logs and the control plane.
+/// reserve for listeners (one per listener per worker), rings, eventfds, the workers' pipes,
+/// the admin endpoint, logs and the control plane.
 pub fn connections_for_budget(fd_limit: u64, workers: usize, listeners: usize) -> u32 {
-    let reserve = 64 + (workers as u64) * (listeners as u64 + 4);
+    let pipes = 2 * (pipes_for_budget(fd_limit, workers) * workers) as u64;
+    let reserve = 64 + (workers as u64) * (listeners as u64 + 4) + pipes;
     let usable = fd_limit.saturating_sub(reserve);
     (usable / 2).clamp(1, u64::from(u32::MAX)) as u32
 }
@@ -97,7 +104,10 @@ mod tests {
 
     #[test]
     fn budget_leaves_a_reserve_and_counts_two_fds_per_connection() {
-        assert_eq!(connections_for_budget(1024, 1, 1), (1024 - 69) / 2);
+        // 1024 fds, 1 worker, 1 listener: 64 pipes (128 fds) and a reserve of 69.
+        assert_eq!(pipes_for_budget(1024, 1), 64);
+        assert_eq!(connections_for_budget(1024, 1, 1), (1024 - 69 - 128) / 2);
+        assert_eq!(pipes_for_budget(1 << 20, 4), 256);
         assert_eq!(connections_for_budget(10, 2, 3), 1);
     }
 

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use sluice_balance::{BackendId, ClientAddr, Picker, Snapshot};
-use sluice_conn::{Action, CloseReason, Conn, ConnectError, RecvOutcome, SendOutcome, Side};
+use sluice_conn::{Action, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side};
 use sluice_uring::{Completion, Uring};
 use socket2::{SockRef, Socket};
 
 use crate::counters::WorkerCounters;
+use crate::pipes::{PipeId, PipePool, Spliced};
 use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets};
 
 /// Submission queue entries per ring.
@@ -30,6 +31,11 @@ const BUFFER_SIZE: u32 = 16 * 1024;
 /// The kernel's ring is topped up from the pool's reserve to this many free buffers after
 /// every batch.
 const RING_LOW: u32 = 256;
+/// Capacity asked for each splice pipe.
+const PIPE_SIZE: u32 = 256 * 1024;
+/// A direction switches from copying to splicing when a receive fills a whole buffer (more
+/// bytes are likely waiting), and back when a splice moves less than this (the burst is over).
+const SPLICE_MIN: u32 = 8 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -53,6 +59,11 @@ enum Op {
     Connect,
     /// Cancellations: their own completions carry nothing we need.
     Cancel,
+    /// Readiness of a side to splice from (POLLIN) or to (POLLOUT).
+    PollInClient,
+    PollInBackend,
+    PollOutClient,
+    PollOutBackend,
 }
 
 impl Op {
@@ -66,6 +77,10 @@ impl Op {
             6 => Op::SendBackend,
             7 => Op::Connect,
             8 => Op::Cancel,
+            9 => Op::PollInClient,
+            10 => Op::PollInBackend,
+            11 => Op::PollOutClient,
+            12 => Op::PollOutBackend,
             _ => return None,
         })
     }
@@ -83,6 +98,27 @@ impl Op {
             Side::Backend => Op::SendBackend,
         }
     }
+
+    fn poll_in(side: Side) -> Op {
+        match side {
+            Side::Client => Op::PollInClient,
+            Side::Backend => Op::PollInBackend,
+        }
+    }
+
+    fn poll_out(side: Side) -> Op {
+        match side {
+            Side::Client => Op::PollOutClient,
+            Side::Backend => Op::PollOutBackend,
+        }
+    }
+}
+
+/// Where a chunk's bytes are: a pool buffer (copied through user space) or a pipe (spliced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Buf {
+    Pool(u16),
+    Pipe(PipeId),
 }
 
 fn user_data(op: Op, index: u32) -> u64 {
@@ -114,7 +150,7 @@ struct Listening {
 
 /// One proxied connection: its state machine and its sockets.
 struct Slot {
-    conn: Conn<u16>,
+    conn: Conn<Buf>,
     listener: usize,
     client: Socket,
     client_addr: SocketAddr,
@@ -129,6 +165,12 @@ struct Slot {
     timer_at: Option<Instant>,
     /// Counted in the backend's active gauge.
     backend_counted: bool,
+    /// Per direction (`Dir as usize`): splicing rather than copying, the leased pipe, a
+    /// POLLIN armed for a splice, and the length of a splice-out waiting for POLLOUT.
+    splicing: [bool; 2],
+    pipe: [Option<PipeId>; 2],
+    polling_in: [bool; 2],
+    pending_out: [u32; 2],
 }
 
 struct Worker {
@@ -147,6 +189,7 @@ struct Worker {
     buffer_waiters: VecDeque<u32>,
     snapshot: Arc<Snapshot>,
     pickers: Vec<Picker>,
+    pipes: PipePool,
     phase: u8,
     completions: Vec<Completion>,
 }
@@ -211,6 +254,7 @@ impl Worker {
         ring.poll_in_multi(waker.as_fd().as_raw_fd(), user_data(Op::Wake, 0));
         let snapshot = shared.snapshots.load();
         let pickers = make_pickers(&snapshot, index);
+        let pipes = PipePool::new(config.pipes_per_worker, PIPE_SIZE);
         Ok(Worker {
             index,
             config,
@@ -226,6 +270,7 @@ impl Worker {
             buffer_waiters: VecDeque::new(),
             snapshot,
             pickers,
+            pipes,
             phase: crate::RUNNING,
             completions: Vec::with_capacity(RING_ENTRIES as usize),
         })
@@ -243,6 +288,8 @@ impl Worker {
             }
             self.completions = completions;
             self.ring.top_up(RING_LOW);
+            self.counters.pipes_leased.set(self.pipes.leased() as u64);
+            self.counters.pipes_shrunk.set(self.pipes.shrunk);
             self.fire_timers(now);
             self.feed_buffer_waiters(now);
             self.adopt_snapshot();
@@ -311,6 +358,12 @@ impl Worker {
                         counters.connections_active.add(1);
                         slot.backend_counted = true;
                     }
+                    // Connected through io_uring on a blocking socket (a non-blocking one
+                    // would make the connect report EINPROGRESS); from now on it is
+                    // non-blocking like the client's, for splice(2).
+                    if let Some(backend) = &slot.backend {
+                        let _ = backend.set_nonblocking(true);
+                    }
                     slot.conn.handle_connected(now);
                 } else {
                     if let Some(counters) = counters {
@@ -334,7 +387,16 @@ impl Worker {
                     Side::Backend
                 };
                 let outcome = match (c.result, c.buffer()) {
-                    (n, Some(buf)) if n > 0 => RecvOutcome::Data { buf, len: n as u32 },
+                    (n, Some(buf)) if n > 0 => {
+                        // A full buffer: more is likely waiting; splice the rest of the burst.
+                        if n as u32 == BUFFER_SIZE && self.pipes.capacity() > 0 {
+                            slot.splicing[Dir::from_source(side) as usize] = true;
+                        }
+                        RecvOutcome::Data {
+                            buf: Buf::Pool(buf),
+                            len: n as u32,
+                        }
+                    }
                     (n, Some(buf)) => {
                         // A buffer with no bytes: give it straight back.
                         self.ring.recycle(buf);
@@ -352,6 +414,7 @@ impl Worker {
                             RecvOutcome::NoBuffers
                         }
                         libc::ECANCELED => RecvOutcome::Cancelled,
+                        libc::EAGAIN | libc::EINTR => RecvOutcome::WouldBlock,
                         libc::ECONNRESET => RecvOutcome::Reset,
                         _ => RecvOutcome::Error,
                     },
@@ -378,9 +441,74 @@ impl Worker {
                         SendOutcome::Sent(n as u32)
                     }
                     n if -n == libc::ECANCELED => SendOutcome::Cancelled,
+                    n if -n == libc::EAGAIN || -n == libc::EINTR => SendOutcome::Sent(0),
                     _ => SendOutcome::Reset,
                 };
                 slot.conn.handle_sent(to, outcome, now);
+            }
+            Op::PollInClient | Op::PollInBackend => {
+                let side = if op == Op::PollInClient {
+                    Side::Client
+                } else {
+                    Side::Backend
+                };
+                let dir = Dir::from_source(side) as usize;
+                slot.polling_in[dir] = false;
+                let outcome = if c.result < 0 || slot.closing.is_some() {
+                    RecvOutcome::Cancelled
+                } else {
+                    let pipe = slot.pipe[dir].expect("a pipe is leased while polling to splice");
+                    let fd = side_fd(slot, side);
+                    let filled = match side_socket(slot, side) {
+                        Some(socket) => self.pipes.fill(pipe, socket),
+                        None => Spliced::Failed(libc::EBADF),
+                    };
+                    match filled {
+                        Spliced::Moved(n) => {
+                            if n < SPLICE_MIN {
+                                slot.splicing[dir] = false;
+                            }
+                            RecvOutcome::Data {
+                                buf: Buf::Pipe(pipe),
+                                len: n,
+                            }
+                        }
+                        Spliced::Eof => RecvOutcome::Eof,
+                        Spliced::WouldBlock => {
+                            slot.in_flight += 1;
+                            if self.pipes.held(pipe) > 0 {
+                                // The pipe has no free slot left (a splice fills pipe slots
+                                // with partial pages, so this happens before its byte room is
+                                // used): copy this chunk instead of spinning on readiness.
+                                self.ring.recv(fd, user_data(Op::recv(side), index));
+                            } else {
+                                // Readiness without bytes (a spurious wake-up): wait again.
+                                slot.polling_in[dir] = true;
+                                let op = user_data(Op::poll_in(side), index);
+                                self.ring.poll_once(fd, libc::POLLIN, op);
+                            }
+                            return;
+                        }
+                        Spliced::Failed(libc::ECONNRESET) => RecvOutcome::Reset,
+                        Spliced::Failed(_) => RecvOutcome::Error,
+                    }
+                };
+                slot.conn.handle_recv(side, outcome, now);
+                self.return_idle_pipe(index, dir);
+            }
+            Op::PollOutClient | Op::PollOutBackend => {
+                let to = if op == Op::PollOutClient {
+                    Side::Client
+                } else {
+                    Side::Backend
+                };
+                if c.result < 0 || slot.closing.is_some() {
+                    slot.conn.handle_sent(to, SendOutcome::Cancelled, now);
+                } else {
+                    let dir = Dir::from_source(to.other()) as usize;
+                    let len = slot.pending_out[dir];
+                    self.splice_out(index, to, len, now);
+                }
             }
             Op::Accept | Op::Wake | Op::Cancel => {}
         }
@@ -413,7 +541,7 @@ impl Worker {
         }
     }
 
-    fn act(&mut self, index: u32, action: Action<u16>, now: Instant) {
+    fn act(&mut self, index: u32, action: Action<Buf>, now: Instant) {
         let slot = self.slots[index as usize]
             .as_mut()
             .expect("drive checked the slot");
@@ -425,12 +553,26 @@ impl Worker {
             }
             Action::Recv(side) => {
                 let fd = side_fd(slot, side);
+                let dir = Dir::from_source(side) as usize;
                 slot.in_flight += 1;
+                if slot.splicing[dir] {
+                    if slot.pipe[dir].is_none() {
+                        slot.pipe[dir] = self.pipes.lease();
+                    }
+                    if slot.pipe[dir].is_some_and(|p| self.pipes.room(p) > 0) {
+                        slot.polling_in[dir] = true;
+                        let op = user_data(Op::poll_in(side), index);
+                        self.ring.poll_once(fd, libc::POLLIN, op);
+                        return;
+                    }
+                    // No pipe to be had, or the pipe is full: copy this chunk.
+                    slot.splicing[dir] = false;
+                }
                 self.ring.recv(fd, user_data(Op::recv(side), index));
             }
             Action::Send {
                 to,
-                buf,
+                buf: Buf::Pool(buf),
                 offset,
                 len,
             } => {
@@ -439,7 +581,18 @@ impl Worker {
                 self.ring
                     .send(fd, buf, offset, len, user_data(Op::send(to), index));
             }
-            Action::Release(buf) => self.ring.recycle(buf),
+            Action::Send {
+                to,
+                buf: Buf::Pipe(_),
+                len,
+                ..
+            } => self.splice_out(index, to, len, now),
+            Action::Release(Buf::Pool(buf)) => self.ring.recycle(buf),
+            Action::Release(Buf::Pipe(pipe)) => {
+                if let Some(dir) = slot.pipe.iter().position(|p| *p == Some(pipe)) {
+                    self.return_idle_pipe(index, dir);
+                }
+            }
             Action::ShutdownWrite(side) => {
                 let socket = match side {
                     Side::Client => Some(&slot.client),
@@ -478,6 +631,61 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// Splices up to `len` bytes from the direction's pipe toward `to`; on EAGAIN waits for
+    /// POLLOUT (the send stays in flight for the `Conn`).
+    fn splice_out(&mut self, index: u32, to: Side, len: u32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("splice on a live slot");
+        let dir = Dir::from_source(to.other()) as usize;
+        let fd = side_fd(slot, to);
+        let Some(pipe) = slot.pipe[dir] else {
+            slot.conn.handle_sent(to, SendOutcome::Reset, now);
+            return;
+        };
+        let drained = match side_socket(slot, to) {
+            Some(socket) => self.pipes.drain(pipe, socket, len),
+            None => Spliced::Failed(libc::EBADF),
+        };
+        match drained {
+            Spliced::Moved(n) => {
+                if let Some(b) = slot.backend_id.and_then(|b| {
+                    self.counters.listeners[slot.listener]
+                        .backends
+                        .get(b.index())
+                }) {
+                    match to {
+                        Side::Backend => b.bytes_to_backend.add(u64::from(n)),
+                        Side::Client => b.bytes_to_client.add(u64::from(n)),
+                    }
+                }
+                slot.conn.handle_sent(to, SendOutcome::Sent(n), now);
+            }
+            Spliced::WouldBlock => {
+                slot.pending_out[dir] = len;
+                slot.in_flight += 1;
+                self.ring
+                    .poll_once(fd, libc::POLLOUT, user_data(Op::poll_out(to), index));
+            }
+            Spliced::Eof | Spliced::Failed(_) => slot.conn.handle_sent(to, SendOutcome::Reset, now),
+        }
+    }
+
+    /// Gives a direction's pipe back to the pool once it is empty and nothing will splice
+    /// into it: an idle connection holds no pipe.
+    fn return_idle_pipe(&mut self, index: u32, dir: usize) {
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
+        if let Some(pipe) = slot.pipe[dir]
+            && self.pipes.held(pipe) == 0
+            && !slot.polling_in[dir]
+        {
+            slot.pipe[dir] = None;
+            self.pipes.give_back(pipe);
         }
     }
 
@@ -582,6 +790,10 @@ impl Worker {
             closing: None,
             timer_at: None,
             backend_counted: false,
+            splicing: [false; 2],
+            pipe: [None; 2],
+            polling_in: [false; 2],
+            pending_out: [0; 2],
         };
         let index = self.insert(slot);
         self.drive(index, now);
@@ -774,6 +986,13 @@ fn side_fd(slot: &Slot, side: Side) -> RawFd {
         Side::Client => slot.client.as_raw_fd(),
         // Actions toward the backend only come once it is connected.
         Side::Backend => slot.backend.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+    }
+}
+
+fn side_socket(slot: &Slot, side: Side) -> Option<std::os::fd::BorrowedFd<'_>> {
+    match side {
+        Side::Client => Some(slot.client.as_fd()),
+        Side::Backend => slot.backend.as_ref().map(AsFd::as_fd),
     }
 }
 

@@ -200,6 +200,13 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
+    /// One readiness poll for `events` (`libc::POLLIN`, `libc::POLLOUT`) on `fd`; completes
+    /// with the ready mask, or `-ECANCELED`.
+    pub fn poll_once(&mut self, fd: RawFd, events: i16, user_data: u64) {
+        let entry = opcode::PollAdd::new(Fd(fd), events as u16 as u32).build();
+        self.push(entry.user_data(user_data));
+    }
+
     /// Multishot readiness poll (`POLLIN`) on `fd`: used for the worker's wake-up eventfd.
     pub fn poll_in_multi(&mut self, fd: RawFd, user_data: u64) {
         let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)

@@ -84,6 +84,21 @@ impl MetricsView {
             Some(Unit::Bytes),
             "Bytes written to clients.",
         );
+        d(
+            "sluice_pipes_shrunk_total",
+            None,
+            "Pipes the kernel made smaller than asked (fs.pipe-user-pages-soft); copied instead.",
+        );
+        d(
+            "sluice_buffer_waits_total",
+            None,
+            "Receives that found the worker's buffer pool empty and waited.",
+        );
+        self.recorder.describe_gauge(
+            "sluice_pipes_leased".into(),
+            None,
+            "Pipes leased for splicing now.".into(),
+        );
         self.recorder.describe_gauge(
             "sluice_connections_active".into(),
             None,
@@ -99,6 +114,15 @@ impl MetricsView {
     /// Sums every worker's counters and renders the exposition text.
     pub(crate) fn render(&self) -> String {
         let workers = self.plane.counters();
+        let total = |f: &dyn Fn(&sluice_dataplane::WorkerCounters) -> u64| -> u64 {
+            workers.iter().map(|w| f(w)).sum()
+        };
+        self.gauge("sluice_pipes_leased", vec![])
+            .set(total(&|w| w.pipes_leased.get()) as f64);
+        self.counter("sluice_pipes_shrunk_total", vec![])
+            .absolute(total(&|w| w.pipes_shrunk.get()));
+        self.counter("sluice_buffer_waits_total", vec![])
+            .absolute(total(&|w| w.buffer_waits.get()));
         for (li, name) in self.listeners.iter().enumerate() {
             let listener = || vec![Label::new("listener", name.clone())];
             let sum = |f: &dyn Fn(&sluice_dataplane::ListenerCounters) -> u64| -> u64 {

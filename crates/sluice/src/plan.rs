@@ -122,5 +122,6 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
         listeners,
         connections_max_total: cap,
         pin_workers: true,
+        pipes_per_worker: sluice_dataplane::pipes_for_budget(fd_limit, workers),
     }
 }

@@ -36,6 +36,8 @@ const PIPE_SIZE: u32 = 256 * 1024;
 /// A direction switches from copying to splicing when a receive fills a whole buffer (more
 /// bytes are likely waiting), and back when a splice moves less than this (the burst is over).
 const SPLICE_MIN: u32 = 8 * 1024;
+/// Connections a worker holds, accepted but not yet served, in queue mode (beyond: reset).
+const QUEUED_MAX: usize = 64;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -187,6 +189,8 @@ struct Worker {
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     /// Connections whose receive found the pool empty, oldest first.
     buffer_waiters: VecDeque<u32>,
+    /// Connections accepted in queue mode while there was no room (see `accepted`).
+    queued: VecDeque<(usize, Socket)>,
     snapshot: Arc<Snapshot>,
     pickers: Vec<Picker>,
     pipes: PipePool,
@@ -268,6 +272,7 @@ impl Worker {
             live: 0,
             timers: BinaryHeap::new(),
             buffer_waiters: VecDeque::new(),
+            queued: VecDeque::new(),
             snapshot,
             pickers,
             pipes,
@@ -294,6 +299,7 @@ impl Worker {
             self.feed_buffer_waiters(now);
             self.adopt_snapshot();
             self.follow_phase(now);
+            self.serve_queued(now);
             self.resume_accepts(now);
             if self.phase >= DRAINING && self.live == 0 {
                 return Ok(());
@@ -314,6 +320,9 @@ impl Worker {
             if l.capped {
                 until = until.min(now + CAP_RECHECK);
             }
+        }
+        if !self.queued.is_empty() {
+            until = until.min(now + CAP_RECHECK);
         }
         until
             .saturating_duration_since(now)
@@ -746,30 +755,54 @@ impl Worker {
         if self.phase >= DRAINING {
             return; // Dropped: closed without being served.
         }
-        let config = self.config.clone();
-        let plan = &config.listeners[listener];
-        let active = self.shared.listener_active[listener].fetch_add(1, Ordering::Relaxed) + 1;
-        let total = self.shared.total_active.fetch_add(1, Ordering::Relaxed) + 1;
-        let over = active > plan.max_connections || total > self.config.connections_max_total;
-        if over {
-            self.shared.listener_active[listener].fetch_sub(1, Ordering::Relaxed);
-            self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
-            // A connection already taken from the backlog cannot be put back: reset it and
-            // count it; in queue mode stop taking more until there is room.
-            let _ = socket.set_linger(Some(Duration::ZERO));
-            self.counters.listeners[listener].rejected.add(1);
-            if plan.on_max_connections == OnMaxConnections::Queue {
-                self.cap_listener(listener);
+        if !self.admit(listener) {
+            match self.config.listeners[listener].on_max_connections {
+                OnMaxConnections::Reject => {
+                    let _ = socket.set_linger(Some(Duration::ZERO));
+                    self.counters.listeners[listener].rejected.add(1);
+                }
+                OnMaxConnections::Queue => {
+                    // Another worker took the last room between our accept and this check (or
+                    // the multishot accept delivered more before it stopped): a connection
+                    // already out of the kernel backlog waits here instead of being reset.
+                    self.cap_listener(listener);
+                    if self.queued.len() < QUEUED_MAX {
+                        self.queued.push_back((listener, socket));
+                    } else {
+                        let _ = socket.set_linger(Some(Duration::ZERO));
+                        self.counters.listeners[listener].rejected.add(1);
+                    }
+                }
             }
             return;
+        }
+        self.serve(listener, socket, now);
+    }
+
+    /// Takes room for one connection of `listener` under its `max_connections` and the
+    /// process cap (one shared atomic each); false, and nothing taken, when there is none. In
+    /// queue mode, taking the last room stops this worker's accepts.
+    fn admit(&mut self, listener: usize) -> bool {
+        let plan = &self.config.listeners[listener];
+        let active = self.shared.listener_active[listener].fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self.shared.total_active.fetch_add(1, Ordering::Relaxed) + 1;
+        if active > plan.max_connections || total > self.config.connections_max_total {
+            self.shared.listener_active[listener].fetch_sub(1, Ordering::Relaxed);
+            self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
+            return false;
         }
         if plan.on_max_connections == OnMaxConnections::Queue
             && (active >= plan.max_connections || total >= self.config.connections_max_total)
         {
             // The cap is reached with this one: stop accepting so the next ones wait in the
-            // kernel backlog instead of being reset.
+            // kernel backlog.
             self.cap_listener(listener);
         }
+        true
+    }
+
+    /// Starts proxying an admitted connection: its slot, its state machine, its first connect.
+    fn serve(&mut self, listener: usize, socket: Socket, now: Instant) {
         self.counters.listeners[listener].accepted.add(1);
         self.counters.listeners[listener].active.add(1);
         let _ = sockets::tune(&SockRef::from(&socket));
@@ -779,7 +812,7 @@ impl Worker {
             .and_then(|a| a.as_socket())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let slot = Slot {
-            conn: Conn::new(plan.limits, now),
+            conn: Conn::new(self.config.listeners[listener].limits, now),
             listener,
             client: socket,
             client_addr,
@@ -797,6 +830,22 @@ impl Worker {
         };
         let index = self.insert(slot);
         self.drive(index, now);
+    }
+
+    /// Serves connections that were accepted while there was no room, oldest first, as room
+    /// frees up; on drain they are closed unserved.
+    fn serve_queued(&mut self, now: Instant) {
+        if self.phase >= DRAINING {
+            self.queued.clear();
+            return;
+        }
+        while let Some(&(listener, _)) = self.queued.front() {
+            if !self.admit(listener) {
+                break;
+            }
+            let (_, socket) = self.queued.pop_front().expect("front was Some");
+            self.serve(listener, socket, now);
+        }
     }
 
     fn accept_failed(&mut self, listener: usize, errno: i32, now: Instant) {

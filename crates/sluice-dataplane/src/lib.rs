@@ -49,6 +49,10 @@ pub struct ListenerPlan {
     pub limits: Limits,
     /// Cap on this listener's open connections across all workers.
     pub max_connections: u32,
+    /// Whether the cap was derived from the fd budget (`max_connections: 0`): such listeners
+    /// also share the process-wide `connections_max_total`. An explicit `max_connections` is
+    /// honoured as written, even past the budget (accept then meets EMFILE and backs off).
+    pub within_fd_budget: bool,
     pub on_max_connections: OnMaxConnections,
 }
 
@@ -57,7 +61,7 @@ pub struct ListenerPlan {
 pub struct PlaneConfig {
     pub workers: usize,
     pub listeners: Vec<ListenerPlan>,
-    /// Cap on open connections of the whole process, derived from the fd budget.
+    /// Cap on open connections of the listeners whose cap is derived from the fd budget.
     pub connections_max_total: u32,
     /// Pin worker `i` to the `i`-th allowed CPU.
     pub pin_workers: bool,

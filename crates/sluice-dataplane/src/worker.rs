@@ -622,6 +622,12 @@ impl Worker {
             }
             Action::Close(reason) => {
                 self.counters.listeners[slot.listener].closed[reason.kind.index()].add(1);
+                tracing::debug!(
+                    client = %slot.client_addr,
+                    backend = ?slot.backend_id,
+                    reason = reason.kind.as_str(),
+                    "connection closed"
+                );
                 if reason.reset_client {
                     let _ = slot.client.set_linger(Some(Duration::ZERO));
                 }
@@ -786,13 +792,15 @@ impl Worker {
         let plan = &self.config.listeners[listener];
         let active = self.shared.listener_active[listener].fetch_add(1, Ordering::Relaxed) + 1;
         let total = self.shared.total_active.fetch_add(1, Ordering::Relaxed) + 1;
-        if active > plan.max_connections || total > self.config.connections_max_total {
+        let budget_full =
+            |total: u32| plan.within_fd_budget && total >= self.config.connections_max_total;
+        if active > plan.max_connections || budget_full(total - 1) {
             self.shared.listener_active[listener].fetch_sub(1, Ordering::Relaxed);
             self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         if plan.on_max_connections == OnMaxConnections::Queue
-            && (active >= plan.max_connections || total >= self.config.connections_max_total)
+            && (active >= plan.max_connections || budget_full(total))
         {
             // The cap is reached with this one: stop accepting so the next ones wait in the
             // kernel backlog.
@@ -917,7 +925,9 @@ impl Worker {
             if l.capped {
                 let plan = &self.config.listeners[i];
                 let active = self.shared.listener_active[i].load(Ordering::Relaxed);
-                if active < plan.max_connections && total < self.config.connections_max_total {
+                let budget_full =
+                    plan.within_fd_budget && total >= self.config.connections_max_total;
+                if active < plan.max_connections && !budget_full {
                     l.capped = false;
                 }
             }

@@ -69,7 +69,8 @@ pub struct Uring {
     // reference.
     ring: IoUring,
     pool: BufferPool,
-    connect_addrs: Vec<Option<SockAddr>>,
+    /// Boxed so that growing the vector never moves an address the kernel may be reading.
+    connect_addrs: Vec<Option<Box<SockAddr>>>,
     features: Features,
 }
 
@@ -85,8 +86,8 @@ impl std::fmt::Debug for Uring {
 impl Uring {
     /// Sets up a ring of `entries` submission entries, a pool of `buffer_count` buffers of
     /// `buffer_size` bytes of which `ring_initial` start in the kernel's ring (see
-    /// [`BufferPool::top_up`]), and room for `connect_slots` connects in flight (one per
-    /// connection slot).
+    /// [`BufferPool::top_up`]), and initial room for `connect_slots` connects in flight (one
+    /// per connection slot; it grows as needed).
     pub fn new(
         entries: u32,
         buffer_count: u16,
@@ -129,7 +130,9 @@ impl Uring {
         Ok(Uring {
             ring,
             pool,
-            connect_addrs: vec![None; connect_slots],
+            connect_addrs: std::iter::repeat_with(|| None)
+                .take(connect_slots)
+                .collect(),
             features,
         })
     }
@@ -183,7 +186,10 @@ impl Uring {
     /// Connects `fd` to `addr`. The address is kept in `slot` until the connect completes;
     /// the caller must not start another connect on the same slot before that.
     pub fn connect(&mut self, fd: RawFd, slot: usize, addr: SockAddr, user_data: u64) {
-        let stored = self.connect_addrs[slot].insert(addr);
+        if slot >= self.connect_addrs.len() {
+            self.connect_addrs.resize_with(slot + 1, || None);
+        }
+        let stored = self.connect_addrs[slot].insert(Box::new(addr));
         let entry = opcode::Connect::new(Fd(fd), stored.as_ptr().cast(), stored.len()).build();
         self.push(entry.user_data(user_data));
     }

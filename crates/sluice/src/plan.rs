@@ -111,12 +111,27 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
             } else {
                 l.max_connections
             },
+            within_fd_budget: l.max_connections == 0,
             on_max_connections: match l.on_max_connections {
                 sluice_config::OnMaxConnections::Queue => OnMaxConnections::Queue,
                 sluice_config::OnMaxConnections::Reject => OnMaxConnections::Reject,
             },
         })
         .collect();
+    let explicit: u64 = config
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.max_connections))
+        .sum();
+    if explicit > u64::from(cap) {
+        tracing::warn!(
+            max_connections = explicit,
+            fd_budget_connections = cap,
+            fd_limit,
+            "max_connections exceeds what RLIMIT_NOFILE allows: accepts will meet EMFILE and \
+             back off; raise the fd limit (LimitNOFILE=) or lower max_connections"
+        );
+    }
     PlaneConfig {
         workers,
         listeners,

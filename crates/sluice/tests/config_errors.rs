@@ -194,3 +194,22 @@ fn run_with_a_bad_config_exits_64() {
         output.stderr
     );
 }
+
+/// A backend given by hostname is resolved once at start; `check` shows what it resolved to.
+#[test]
+fn a_backend_hostname_is_resolved_at_start() {
+    let yaml = "listeners:\n  - name: byname\n    bind: \"127.0.0.1:0\"\n    backends: [\"localhost:7001\"]\n";
+    let config = ConfigFile::new(yaml);
+    let output = run_config_command(binary(), "check", &config);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{}", output.stderr);
+    assert!(
+        output
+            .stdout
+            .contains("backend localhost:7001 -> 127.0.0.1:7001")
+            || output
+                .stdout
+                .contains("backend localhost:7001 -> [::1]:7001"),
+        "localhost not shown resolved to a loopback address:\n{}",
+        output.stdout
+    );
+}

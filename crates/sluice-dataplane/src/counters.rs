@@ -90,6 +90,8 @@ pub struct WorkerCounters {
     pub buffer_waits: Counter,
     /// Pipes leased for splicing now (a gauge).
     pub pipes_leased: Counter,
+    /// Bytes written by splicing from a pipe (the rest of the bytes were copied).
+    pub bytes_spliced: Counter,
     /// Pipes the kernel made smaller than asked (fs.pipe-user-pages-soft): copied instead.
     pub pipes_shrunk: Counter,
 }
@@ -103,6 +105,7 @@ impl WorkerCounters {
                 .collect(),
             buffer_waits: Counter::default(),
             pipes_leased: Counter::default(),
+            bytes_spliced: Counter::default(),
             pipes_shrunk: Counter::default(),
         }
     }

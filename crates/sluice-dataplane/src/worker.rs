@@ -167,11 +167,10 @@ struct Slot {
     timer_at: Option<Instant>,
     /// Counted in the backend's active gauge.
     backend_counted: bool,
-    /// Per direction (`Dir as usize`): splicing rather than copying, the leased pipe, a
-    /// POLLIN armed for a splice, and the length of a splice-out waiting for POLLOUT.
+    /// Per direction (`Dir as usize`): splicing rather than copying, the pipe leased while
+    /// it holds bytes, and the length of a splice-out waiting for POLLOUT.
     splicing: [bool; 2],
     pipe: [Option<PipeId>; 2],
-    polling_in: [bool; 2],
     pending_out: [u32; 2],
 }
 
@@ -462,12 +461,21 @@ impl Worker {
                     Side::Backend
                 };
                 let dir = Dir::from_source(side) as usize;
-                slot.polling_in[dir] = false;
                 let outcome = if c.result < 0 || slot.closing.is_some() {
                     RecvOutcome::Cancelled
                 } else {
-                    let pipe = slot.pipe[dir].expect("a pipe is leased while polling to splice");
                     let fd = side_fd(slot, side);
+                    // The pipe is leased only now that bytes are ready: a connection waiting
+                    // for its peer holds none.
+                    let leased = slot.pipe[dir].or_else(|| self.pipes.lease());
+                    let Some(pipe) = leased else {
+                        // Every pipe is in use: copy this chunk.
+                        slot.splicing[dir] = false;
+                        slot.in_flight += 1;
+                        self.ring.recv(fd, user_data(Op::recv(side), index));
+                        return;
+                    };
+                    slot.pipe[dir] = Some(pipe);
                     let filled = match side_socket(slot, side) {
                         Some(socket) => self.pipes.fill(pipe, socket),
                         None => Spliced::Failed(libc::EBADF),
@@ -491,10 +499,11 @@ impl Worker {
                                 // used): copy this chunk instead of spinning on readiness.
                                 self.ring.recv(fd, user_data(Op::recv(side), index));
                             } else {
-                                // Readiness without bytes (a spurious wake-up): wait again.
-                                slot.polling_in[dir] = true;
+                                // Readiness without bytes (a spurious wake-up): wait again,
+                                // without holding the empty pipe meanwhile.
                                 let op = user_data(Op::poll_in(side), index);
                                 self.ring.poll_once(fd, libc::POLLIN, op);
+                                self.return_idle_pipe(index, dir);
                             }
                             return;
                         }
@@ -565,16 +574,13 @@ impl Worker {
                 let dir = Dir::from_source(side) as usize;
                 slot.in_flight += 1;
                 if slot.splicing[dir] {
-                    if slot.pipe[dir].is_none() {
-                        slot.pipe[dir] = self.pipes.lease();
-                    }
-                    if slot.pipe[dir].is_some_and(|p| self.pipes.room(p) > 0) {
-                        slot.polling_in[dir] = true;
+                    // A pipe is leased when readiness arrives, not while waiting for it.
+                    if slot.pipe[dir].is_none_or(|p| self.pipes.room(p) > 0) {
                         let op = user_data(Op::poll_in(side), index);
                         self.ring.poll_once(fd, libc::POLLIN, op);
                         return;
                     }
-                    // No pipe to be had, or the pipe is full: copy this chunk.
+                    // The pipe still holding the previous chunk is full: copy this one.
                     slot.splicing[dir] = false;
                 }
                 self.ring.recv(fd, user_data(Op::recv(side), index));
@@ -667,6 +673,7 @@ impl Worker {
         };
         match drained {
             Spliced::Moved(n) => {
+                self.counters.bytes_spliced.add(u64::from(n));
                 if let Some(b) = slot.backend_id.and_then(|b| {
                     self.counters.listeners[slot.listener]
                         .backends
@@ -697,7 +704,6 @@ impl Worker {
         };
         if let Some(pipe) = slot.pipe[dir]
             && self.pipes.held(pipe) == 0
-            && !slot.polling_in[dir]
         {
             slot.pipe[dir] = None;
             self.pipes.give_back(pipe);
@@ -833,7 +839,6 @@ impl Worker {
             backend_counted: false,
             splicing: [false; 2],
             pipe: [None; 2],
-            polling_in: [false; 2],
             pending_out: [0; 2],
         };
         let index = self.insert(slot);

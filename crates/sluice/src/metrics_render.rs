@@ -85,6 +85,11 @@ impl MetricsView {
             "Bytes written to clients.",
         );
         d(
+            "sluice_bytes_spliced_total",
+            None,
+            "Bytes moved by splice(2) through a pipe rather than copied (all listeners).",
+        );
+        d(
             "sluice_pipes_shrunk_total",
             None,
             "Pipes the kernel made smaller than asked (fs.pipe-user-pages-soft); copied instead.",
@@ -119,6 +124,8 @@ impl MetricsView {
         };
         self.gauge("sluice_pipes_leased", vec![])
             .set(total(&|w| w.pipes_leased.get()) as f64);
+        self.counter("sluice_bytes_spliced_total", vec![])
+            .absolute(total(&|w| w.bytes_spliced.get()));
         self.counter("sluice_pipes_shrunk_total", vec![])
             .absolute(total(&|w| w.pipes_shrunk.get()));
         self.counter("sluice_buffer_waits_total", vec![])

@@ -132,6 +132,20 @@ impl SnapshotCell {
     }
 }
 
+/// Backends `127.0.0.1:7000 + i` with the given weights, for the tests of this crate.
+#[cfg(test)]
+pub(crate) fn test_backends(weights: &[u16]) -> Vec<Backend> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &weight)| Backend {
+            id: BackendId(i as u32),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+            weight,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,15 +153,7 @@ mod tests {
     fn listener(weights: &[u16]) -> ListenerBackends {
         ListenerBackends {
             algorithm: Algorithm::RoundRobin,
-            backends: weights
-                .iter()
-                .enumerate()
-                .map(|(i, &weight)| Backend {
-                    id: BackendId(i as u32),
-                    addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
-                    weight,
-                })
-                .collect(),
+            backends: test_backends(weights),
         }
     }
 

@@ -49,19 +49,8 @@ impl RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
 
-    fn backends(weights: &[u16]) -> Vec<Backend> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, &weight)| Backend {
-                id: BackendId(i as u32),
-                addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
-                weight,
-            })
-            .collect()
-    }
+    use crate::test_backends as backends;
 
     #[test]
     fn equal_weights_cycle_in_list_order() {

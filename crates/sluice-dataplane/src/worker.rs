@@ -354,183 +354,202 @@ impl Worker {
             return;
         };
         slot.in_flight -= 1;
-        let listener = slot.listener;
         match op {
-            Op::Connect => {
-                let backend = slot.backend_id.map(BackendId::index);
-                let counters =
-                    backend.and_then(|b| self.counters.listeners[listener].backends.get(b));
-                if c.result >= 0 {
-                    if let Some(counters) = counters {
-                        counters.connections.add(1);
-                        counters.connections_active.add(1);
-                        slot.backend_counted = true;
-                    }
-                    // Connected through io_uring on a blocking socket (a non-blocking one
-                    // would make the connect report EINPROGRESS); from now on it is
-                    // non-blocking like the client's, for splice(2).
-                    if let Some(backend) = &slot.backend {
-                        let _ = backend.set_nonblocking(true);
-                    }
-                    slot.conn.handle_connected(now);
-                } else {
-                    if let Some(counters) = counters {
-                        counters.connect_failures.add(1);
-                    }
-                    let error = match -c.result {
-                        libc::ECONNREFUSED => ConnectError::Refused,
-                        libc::ECANCELED | libc::ETIMEDOUT => ConnectError::TimedOut,
-                        _ => ConnectError::Other,
-                    };
-                    tracing::debug!(backend = ?slot.backend_id, errno = -c.result, "connect failed");
-                    // The failed socket is closed now; a retry opens a new one.
-                    slot.backend = None;
-                    slot.conn.handle_connect_failed(error, now);
-                }
-            }
-            Op::RecvClient | Op::RecvBackend => {
-                let side = if op == Op::RecvClient {
-                    Side::Client
-                } else {
-                    Side::Backend
-                };
-                let outcome = match (c.result, c.buffer()) {
-                    (n, Some(buf)) if n > 0 => {
-                        // A full buffer: more is likely waiting; splice the rest of the burst.
-                        if n as u32 == BUFFER_SIZE && self.pipes.capacity() > 0 {
-                            slot.splicing[Dir::from_source(side) as usize] = true;
-                        }
-                        RecvOutcome::Data {
-                            buf: Buf::Pool(buf),
-                            len: n as u32,
-                        }
-                    }
-                    (n, Some(buf)) => {
-                        // A buffer with no bytes: give it straight back.
-                        self.ring.recycle(buf);
-                        if n == 0 {
-                            RecvOutcome::Eof
-                        } else {
-                            RecvOutcome::Error
-                        }
-                    }
-                    (0, None) => RecvOutcome::Eof,
-                    (n, None) => match -n {
-                        libc::ENOBUFS => {
-                            self.counters.buffer_waits.add(1);
-                            self.buffer_waiters.push_back(index);
-                            RecvOutcome::NoBuffers
-                        }
-                        libc::ECANCELED => RecvOutcome::Cancelled,
-                        libc::EAGAIN | libc::EINTR => RecvOutcome::WouldBlock,
-                        libc::ECONNRESET => RecvOutcome::Reset,
-                        _ => RecvOutcome::Error,
-                    },
-                };
-                slot.conn.handle_recv(side, outcome, now);
-            }
-            Op::SendClient | Op::SendBackend => {
-                let to = if op == Op::SendClient {
-                    Side::Client
-                } else {
-                    Side::Backend
-                };
-                let outcome = match c.result {
-                    n if n >= 0 => {
-                        if let Some(b) = slot
-                            .backend_id
-                            .and_then(|b| self.counters.listeners[listener].backends.get(b.index()))
-                        {
-                            match to {
-                                Side::Backend => b.bytes_to_backend.add(n as u64),
-                                Side::Client => b.bytes_to_client.add(n as u64),
-                            }
-                        }
-                        SendOutcome::Sent(n as u32)
-                    }
-                    n if -n == libc::ECANCELED => SendOutcome::Cancelled,
-                    n if -n == libc::EAGAIN || -n == libc::EINTR => SendOutcome::Sent(0),
-                    _ => SendOutcome::Reset,
-                };
-                slot.conn.handle_sent(to, outcome, now);
-            }
-            Op::PollInClient | Op::PollInBackend => {
-                let side = if op == Op::PollInClient {
-                    Side::Client
-                } else {
-                    Side::Backend
-                };
-                let dir = Dir::from_source(side) as usize;
-                let outcome = if c.result < 0 || slot.closing.is_some() {
-                    RecvOutcome::Cancelled
-                } else {
-                    let fd = side_fd(slot, side);
-                    // The pipe is leased only now that bytes are ready: a connection waiting
-                    // for its peer holds none.
-                    let leased = slot.pipe[dir].or_else(|| self.pipes.lease());
-                    let Some(pipe) = leased else {
-                        // Every pipe is in use: copy this chunk.
-                        slot.splicing[dir] = false;
-                        slot.in_flight += 1;
-                        self.ring.recv(fd, user_data(Op::recv(side), index));
-                        return;
-                    };
-                    slot.pipe[dir] = Some(pipe);
-                    let filled = match side_socket(slot, side) {
-                        Some(socket) => self.pipes.fill(pipe, socket),
-                        None => Spliced::Failed(libc::EBADF),
-                    };
-                    match filled {
-                        Spliced::Moved(n) => {
-                            if n < SPLICE_MIN {
-                                slot.splicing[dir] = false;
-                            }
-                            RecvOutcome::Data {
-                                buf: Buf::Pipe(pipe),
-                                len: n,
-                            }
-                        }
-                        Spliced::Eof => RecvOutcome::Eof,
-                        Spliced::WouldBlock => {
-                            slot.in_flight += 1;
-                            if self.pipes.held(pipe) > 0 {
-                                // The pipe has no free slot left (a splice fills pipe slots
-                                // with partial pages, so this happens before its byte room is
-                                // used): copy this chunk instead of spinning on readiness.
-                                self.ring.recv(fd, user_data(Op::recv(side), index));
-                            } else {
-                                // Readiness without bytes (a spurious wake-up): wait again,
-                                // without holding the empty pipe meanwhile.
-                                let op = user_data(Op::poll_in(side), index);
-                                self.ring.poll_once(fd, libc::POLLIN, op);
-                                self.return_idle_pipe(index, dir);
-                            }
-                            return;
-                        }
-                        Spliced::Failed(libc::ECONNRESET) => RecvOutcome::Reset,
-                        Spliced::Failed(_) => RecvOutcome::Error,
-                    }
-                };
-                slot.conn.handle_recv(side, outcome, now);
-                self.return_idle_pipe(index, dir);
-            }
-            Op::PollOutClient | Op::PollOutBackend => {
-                let to = if op == Op::PollOutClient {
-                    Side::Client
-                } else {
-                    Side::Backend
-                };
-                if c.result < 0 || slot.closing.is_some() {
-                    slot.conn.handle_sent(to, SendOutcome::Cancelled, now);
-                } else {
-                    let dir = Dir::from_source(to.other()) as usize;
-                    let len = slot.pending_out[dir];
-                    self.splice_out(index, to, len, now);
-                }
-            }
+            Op::Connect => self.connect_completed(index, c.result, now),
+            Op::RecvClient => self.recv_completed(index, Side::Client, c, now),
+            Op::RecvBackend => self.recv_completed(index, Side::Backend, c, now),
+            Op::SendClient => self.send_completed(index, Side::Client, c.result, now),
+            Op::SendBackend => self.send_completed(index, Side::Backend, c.result, now),
+            Op::PollInClient => self.poll_in_completed(index, Side::Client, c.result, now),
+            Op::PollInBackend => self.poll_in_completed(index, Side::Backend, c.result, now),
+            Op::PollOutClient => self.poll_out_completed(index, Side::Client, c.result, now),
+            Op::PollOutBackend => self.poll_out_completed(index, Side::Backend, c.result, now),
             Op::Accept | Op::Wake | Op::Cancel => {}
         }
         self.drive(index, now);
+    }
+
+    fn connect_completed(&mut self, index: u32, result: i32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        let counters = slot.backend_id.and_then(|b| {
+            self.counters.listeners[slot.listener]
+                .backends
+                .get(b.index())
+        });
+        if result >= 0 {
+            if let Some(counters) = counters {
+                counters.connections.add(1);
+                counters.connections_active.add(1);
+                slot.backend_counted = true;
+            }
+            // Connected through io_uring on a blocking socket (a non-blocking one would make
+            // the connect report EINPROGRESS); from now on it is non-blocking like the
+            // client's, for splice(2).
+            if let Some(backend) = &slot.backend {
+                let _ = backend.set_nonblocking(true);
+            }
+            slot.conn.handle_connected(now);
+            return;
+        }
+        if let Some(counters) = counters {
+            counters.connect_failures.add(1);
+        }
+        let error = match -result {
+            libc::ECONNREFUSED => ConnectError::Refused,
+            libc::ECANCELED | libc::ETIMEDOUT => ConnectError::TimedOut,
+            _ => ConnectError::Other,
+        };
+        tracing::debug!(backend = ?slot.backend_id, errno = -result, "connect failed");
+        // The failed socket is closed now; a retry opens a new one.
+        slot.backend = None;
+        slot.conn.handle_connect_failed(error, now);
+    }
+
+    fn recv_completed(&mut self, index: u32, side: Side, c: Completion, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        let outcome = match (c.result, c.buffer()) {
+            (n, Some(buf)) if n > 0 => {
+                // A full buffer: more is likely waiting; splice the rest of the burst.
+                if n as u32 == BUFFER_SIZE && self.pipes.capacity() > 0 {
+                    slot.splicing[Dir::from_source(side) as usize] = true;
+                }
+                RecvOutcome::Data {
+                    buf: Buf::Pool(buf),
+                    len: n as u32,
+                }
+            }
+            (n, Some(buf)) => {
+                // A buffer with no bytes: give it straight back.
+                self.ring.recycle(buf);
+                if n == 0 {
+                    RecvOutcome::Eof
+                } else {
+                    RecvOutcome::Error
+                }
+            }
+            (0, None) => RecvOutcome::Eof,
+            (n, None) => match -n {
+                libc::ENOBUFS => {
+                    self.counters.buffer_waits.add(1);
+                    self.buffer_waiters.push_back(index);
+                    RecvOutcome::NoBuffers
+                }
+                libc::ECANCELED => RecvOutcome::Cancelled,
+                libc::EAGAIN | libc::EINTR => RecvOutcome::WouldBlock,
+                libc::ECONNRESET => RecvOutcome::Reset,
+                _ => RecvOutcome::Error,
+            },
+        };
+        slot.conn.handle_recv(side, outcome, now);
+    }
+
+    fn send_completed(&mut self, index: u32, to: Side, result: i32, now: Instant) {
+        let outcome = match result {
+            n if n >= 0 => {
+                self.count_sent(index, to, n as u32);
+                SendOutcome::Sent(n as u32)
+            }
+            n if -n == libc::ECANCELED => SendOutcome::Cancelled,
+            n if -n == libc::EAGAIN || -n == libc::EINTR => SendOutcome::Sent(0),
+            _ => SendOutcome::Reset,
+        };
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        slot.conn.handle_sent(to, outcome, now);
+    }
+
+    /// Bytes written toward `to`, in the backend's counters.
+    fn count_sent(&self, index: u32, to: Side, n: u32) {
+        let Some(slot) = self.slots[index as usize].as_ref() else {
+            return;
+        };
+        let listener = &self.counters.listeners[slot.listener];
+        if let Some(b) = slot
+            .backend_id
+            .and_then(|b| listener.backends.get(b.index()))
+        {
+            match to {
+                Side::Backend => b.bytes_to_backend.add(u64::from(n)),
+                Side::Client => b.bytes_to_client.add(u64::from(n)),
+            }
+        }
+    }
+
+    /// `side` is readable for a splice: lease a pipe now and fill it.
+    fn poll_in_completed(&mut self, index: u32, side: Side, result: i32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        let dir = Dir::from_source(side) as usize;
+        if result < 0 || slot.closing.is_some() {
+            slot.conn.handle_recv(side, RecvOutcome::Cancelled, now);
+            return;
+        }
+        let fd = side_fd(slot, side);
+        // The pipe is leased only now that bytes are ready: a connection waiting for its peer
+        // holds none.
+        let Some(pipe) = slot.pipe[dir].or_else(|| self.pipes.lease()) else {
+            // Every pipe is in use: copy this chunk.
+            slot.splicing[dir] = false;
+            slot.in_flight += 1;
+            self.ring.recv(fd, user_data(Op::recv(side), index));
+            return;
+        };
+        slot.pipe[dir] = Some(pipe);
+        let filled = match side_socket(slot, side) {
+            Some(socket) => self.pipes.fill(pipe, socket),
+            None => Spliced::Failed(libc::EBADF),
+        };
+        let outcome = match filled {
+            Spliced::Moved(n) => {
+                if n < SPLICE_MIN {
+                    slot.splicing[dir] = false;
+                }
+                RecvOutcome::Data {
+                    buf: Buf::Pipe(pipe),
+                    len: n,
+                }
+            }
+            Spliced::Eof => RecvOutcome::Eof,
+            Spliced::WouldBlock => {
+                slot.in_flight += 1;
+                if self.pipes.held(pipe) > 0 {
+                    // The pipe has no free slot left (a splice fills pipe slots with partial
+                    // pages, so this happens before its byte room is used): copy this chunk
+                    // instead of spinning on readiness.
+                    self.ring.recv(fd, user_data(Op::recv(side), index));
+                } else {
+                    // Readiness without bytes (a spurious wake-up): wait again, without
+                    // holding the empty pipe meanwhile.
+                    self.ring
+                        .poll_once(fd, libc::POLLIN, user_data(Op::poll_in(side), index));
+                    self.return_idle_pipe(index, dir);
+                }
+                return;
+            }
+            Spliced::Failed(libc::ECONNRESET) => RecvOutcome::Reset,
+            Spliced::Failed(_) => RecvOutcome::Error,
+        };
+        slot.conn.handle_recv(side, outcome, now);
+        self.return_idle_pipe(index, dir);
+    }
+
+    /// `to` is writable again: retry the splice-out that would have blocked.
+    fn poll_out_completed(&mut self, index: u32, to: Side, result: i32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        if result < 0 || slot.closing.is_some() {
+            slot.conn.handle_sent(to, SendOutcome::Cancelled, now);
+            return;
+        }
+        let len = slot.pending_out[Dir::from_source(to.other()) as usize];
+        self.splice_out(index, to, len, now);
     }
 
     /// Runs a connection's actions until it has none, then registers its deadline.
@@ -674,16 +693,10 @@ impl Worker {
         match drained {
             Spliced::Moved(n) => {
                 self.counters.bytes_spliced.add(u64::from(n));
-                if let Some(b) = slot.backend_id.and_then(|b| {
-                    self.counters.listeners[slot.listener]
-                        .backends
-                        .get(b.index())
-                }) {
-                    match to {
-                        Side::Backend => b.bytes_to_backend.add(u64::from(n)),
-                        Side::Client => b.bytes_to_client.add(u64::from(n)),
-                    }
-                }
+                self.count_sent(index, to, n);
+                let slot = self.slots[index as usize]
+                    .as_mut()
+                    .expect("splice on a live slot");
                 slot.conn.handle_sent(to, SendOutcome::Sent(n), now);
             }
             Spliced::WouldBlock => {

@@ -172,6 +172,9 @@ struct Slot {
     splicing: [bool; 2],
     pipe: [Option<PipeId>; 2],
     pending_out: [u32; 2],
+    /// Per direction: the last receive left bytes in the socket, so the next one should try
+    /// at once rather than wait for readiness first.
+    source_nonempty: [bool; 2],
 }
 
 struct Worker {
@@ -411,6 +414,7 @@ impl Worker {
         let slot = self.slots[index as usize]
             .as_mut()
             .expect("completion of a live slot");
+        slot.source_nonempty[Dir::from_source(side) as usize] = c.socket_nonempty();
         let outcome = match (c.result, c.buffer()) {
             (n, Some(buf)) if n > 0 => {
                 // A full buffer: more is likely waiting; splice the rest of the burst.
@@ -497,7 +501,7 @@ impl Worker {
             // Every pipe is in use: copy this chunk.
             slot.splicing[dir] = false;
             slot.in_flight += 1;
-            self.ring.recv(fd, user_data(Op::recv(side), index));
+            self.ring.recv(fd, false, user_data(Op::recv(side), index));
             return;
         };
         slot.pipe[dir] = Some(pipe);
@@ -522,7 +526,7 @@ impl Worker {
                     // The pipe has no free slot left (a splice fills pipe slots with partial
                     // pages, so this happens before its byte room is used): copy this chunk
                     // instead of spinning on readiness.
-                    self.ring.recv(fd, user_data(Op::recv(side), index));
+                    self.ring.recv(fd, false, user_data(Op::recv(side), index));
                 } else {
                     // Readiness without bytes (a spurious wake-up): wait again, without
                     // holding the empty pipe meanwhile.
@@ -602,7 +606,9 @@ impl Worker {
                     // The pipe still holding the previous chunk is full: copy this one.
                     slot.splicing[dir] = false;
                 }
-                self.ring.recv(fd, user_data(Op::recv(side), index));
+                let poll_first = !slot.source_nonempty[dir];
+                self.ring
+                    .recv(fd, poll_first, user_data(Op::recv(side), index));
             }
             Action::Send {
                 to,
@@ -853,6 +859,8 @@ impl Worker {
             splicing: [false; 2],
             pipe: [None; 2],
             pending_out: [0; 2],
+            // The client may have sent with its SYN's ACK already: try at once.
+            source_nonempty: [true; 2],
         };
         let index = self.insert(slot);
         self.drive(index, now);

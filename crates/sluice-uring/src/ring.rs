@@ -44,11 +44,20 @@ impl Completion {
         cqueue::buffer_select(self.flags)
     }
 
+    /// Whether the socket still had bytes to read after this receive (SOCK_NONEMPTY).
+    pub fn socket_nonempty(&self) -> bool {
+        cqueue::sock_nonempty(self.flags)
+    }
+
     /// Whether a multishot operation stays armed after this completion.
     pub fn more(&self) -> bool {
         cqueue::more(self.flags)
     }
 }
+
+/// `IORING_RECVSEND_POLL_FIRST` from include/uapi/linux/io_uring.h (Linux 5.19); the io-uring
+/// crate does not export its `sys` module.
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// Opcodes the data plane cannot work without.
 const REQUIRED: [(u8, &str); 8] = [
@@ -163,9 +172,17 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
-    /// One receive into a pool buffer chosen by the kernel when bytes arrive.
-    pub fn recv(&mut self, fd: RawFd, user_data: u64) {
+    /// One receive into a pool buffer chosen by the kernel when bytes arrive. With
+    /// `poll_first`, the kernel waits for readiness before trying (IORING_RECVSEND_POLL_FIRST):
+    /// cheaper when the socket is known to be empty, as after a receive that drained it.
+    pub fn recv(&mut self, fd: RawFd, poll_first: bool, user_data: u64) {
+        let ioprio = if poll_first {
+            IORING_RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
         let entry = opcode::Recv::new(Fd(fd), std::ptr::null_mut(), self.pool.buffer_size())
+            .ioprio(ioprio)
             .buf_group(self.pool.group())
             .build()
             .flags(squeue::Flags::BUFFER_SELECT);
@@ -363,7 +380,7 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         client.write_all(b"hello").unwrap();
-        ring.recv(server.as_raw_fd(), 1);
+        ring.recv(server.as_raw_fd(), false, 1);
         ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
         let mut out = Vec::new();
         ring.reap(&mut out);

@@ -13,10 +13,16 @@
 //!   current weights); a worker keeps one per listener and resets it when the generation changes.
 //! - [`SnapshotCell`]: the lock-free publication point (`arc-swap`).
 //!
-//! Only round-robin exists so far; the other algorithms of DESIGN.md plug in as siblings of
-//! `round_robin.rs` behind [`Algorithm`].
+//! Only round-robin is selectable so far. [`maglev`] (weighted, order-independent tables with a
+//! frozen fingerprint) and [`ring_hash`] (ketama) are built and tested over the stable
+//! SipHash-2-4 of [`hash`], but not yet behind [`Algorithm`]/[`Picker`]: the balancing issue
+//! wires them in, with `least_connections`, `random` and `power_of_two`.
 
 mod round_robin;
+
+pub mod hash;
+pub mod maglev;
+pub mod ring_hash;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -335,11 +335,6 @@ impl<B: Copy> Conn<B> {
         self.state == State::Closed
     }
 
-    /// True while connecting to a backend (no byte has moved yet).
-    pub fn is_connecting(&self) -> bool {
-        matches!(self.state, State::Connecting { .. })
-    }
-
     /// The connect attempt succeeded: start moving bytes both ways.
     pub fn handle_connected(&mut self, now: Instant) {
         if !matches!(self.state, State::Connecting { .. }) {

@@ -39,4 +39,4 @@ pub use process::{
     CommandOutput, ConfigFile, READY_MARKER, READY_TIMEOUT, Sluice, StartError, check_config,
     run_config_command, run_with_timeout,
 };
-pub use tcp::{send_queue, wait_acknowledged};
+pub use tcp::{reset, send_queue, wait_acknowledged};

@@ -58,6 +58,12 @@ fn proc_addr(addr: SocketAddr) -> String {
     out
 }
 
+/// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

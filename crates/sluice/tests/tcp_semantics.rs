@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use common::{Listener, TIMEOUT, start, start_listener};
 use sluice_testkit::{
     Checksum, EchoServer, SeededStream, StreamEnd, assert_echo, read_to_end, read_up_to,
-    refusing_addr, summary_of, write_stream,
+    refusing_addr, reset, summary_of, wait_acknowledged, write_stream,
 };
 
 with_workers_1_and_2!(
     client_fin_first_still_receives_the_reply,
     backend_fin_first_still_receives_the_client,
     backend_reset_arrives_after_every_byte,
+    client_reset_reaches_the_backend_as_a_reset,
     greeting_reaches_a_silent_client,
     refused_backend_is_retried_on_the_next,
     all_backends_refusing_resets_the_client_promptly,
@@ -173,4 +174,30 @@ fn all_backends_refusing_resets_the_client_promptly(workers: usize) {
         assert_eq!(read.end, StreamEnd::Reset, "after {elapsed:?}");
         assert_eq!(read.received.bytes, 0);
     }
+}
+
+/// The client sends 1 MiB, then resets: the backend gets every byte, then a reset (not a FIN).
+fn client_reset_reaches_the_backend_as_a_reset(workers: usize) {
+    let backend = EchoServer::read_then_send(1, 1);
+    let (_sluice, front) = start(workers, &[backend.addr()]);
+    let stream = TcpStream::connect(front).unwrap();
+    let sent = write_stream(&stream, 1 << 20, 21, false).unwrap();
+    assert!(
+        wait_acknowledged(&stream, Duration::from_secs(10)),
+        "Sluice took the bytes"
+    );
+    // Acknowledged by Sluice's kernel is not yet read by Sluice: give it a moment to forward.
+    thread::sleep(Duration::from_millis(500));
+    reset(stream);
+    let records = backend
+        .wait_records(1, Duration::from_secs(10))
+        .unwrap_or_else(|seen| panic!("the backend connection did not end: {seen:?}"));
+    assert_eq!(records.len(), 1, "one backend connection ended");
+    assert_eq!(records[0].received, sent, "every byte reached the backend");
+    assert_eq!(
+        records[0].error,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the backend saw {:?}, not a reset",
+        records[0].error
+    );
 }

@@ -219,7 +219,7 @@ fn set_nonblocking(fd: RawFd) {
     }
 }
 
-fn set_nodelay(fd: RawFd) {
+pub(crate) fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: `one` outlives the call and its size is passed.
     unsafe {

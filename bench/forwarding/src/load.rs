@@ -81,17 +81,7 @@ pub fn backend_server(listener: TcpListener) {
                     if fd < 0 {
                         break;
                     }
-                    let one: libc::c_int = 1;
-                    // SAFETY: `one` outlives the call and its size is passed.
-                    unsafe {
-                        libc::setsockopt(
-                            fd,
-                            libc::IPPROTO_TCP,
-                            libc::TCP_NODELAY,
-                            (&one as *const libc::c_int).cast(),
-                            4,
-                        );
-                    }
+                    crate::fwd::set_nodelay(fd);
                     conns.insert(
                         fd,
                         BConn {

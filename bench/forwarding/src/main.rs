@@ -15,6 +15,7 @@
 
 mod fwd;
 mod load;
+mod rlimit;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -110,20 +111,6 @@ fn parse_args() -> Args {
     a
 }
 
-fn raise_nofile() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `rl` is a valid rlimit struct for both calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
-}
-
 /// CPU of the whole process (all threads, including exited io-wq workers), nanoseconds.
 fn process_cpu_ns() -> u64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
@@ -145,7 +132,7 @@ fn thread_cpu_ns(tid: i32) -> u64 {
 }
 
 fn run_forwarder_child(a: &Args, mode: Mode) {
-    raise_nofile();
+    rlimit::raise_nofile();
     let backend: SocketAddr = a
         .backend
         .as_deref()
@@ -305,7 +292,7 @@ fn main() {
         run_forwarder_child(&a, mode);
         return;
     }
-    raise_nofile();
+    rlimit::raise_nofile();
     let bl = TcpListener::bind("127.0.0.1:0").expect("bind backend");
     let backend = bl.local_addr().expect("backend addr");
     std::thread::Builder::new()

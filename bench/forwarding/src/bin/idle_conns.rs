@@ -11,19 +11,8 @@ use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-fn raise_nofile() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `rl` is a valid rlimit struct for both calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
-}
+#[path = "../rlimit.rs"]
+mod rlimit;
 
 /// A listener with a deep accept queue (std uses 128), so a burst of proxied connects from the
 /// balancer under test is never dropped by the holder.
@@ -45,7 +34,7 @@ fn usage() -> ! {
 }
 
 fn main() {
-    raise_nofile();
+    rlimit::raise_nofile();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let get = |k: &str| {
         args.iter()

@@ -21,7 +21,7 @@ pub struct BufferPool {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
     memory: NonNull<u8>,
-    memory_layout: Layout,
+    memory_len: usize,
     buffer_size: u32,
     count: u16,
     tail: u16,
@@ -45,7 +45,10 @@ const PAGE: usize = 4096;
 
 impl BufferPool {
     /// Allocates `count` (a power of two, at most 32768) buffers of `buffer_size` bytes. The
-    /// memory is zeroed lazily by the allocator (mmap), so untouched buffers cost no RSS.
+    /// buffers are an anonymous private mapping: the kernel provides zeroed pages on first
+    /// touch, so untouched buffers cost no RSS. (The global allocator is not used for them:
+    /// a page-aligned `alloc_zeroed` is `posix_memalign` plus `memset`, which touches every
+    /// page at start.)
     pub(crate) fn new(count: u16, buffer_size: u32, group: u16) -> Self {
         // Ids come out of the reserve from the top: keep the low ids first in line.
         let reserve = (0..count).rev().collect();
@@ -56,21 +59,41 @@ impl BufferPool {
         let entries_layout =
             Layout::from_size_align(size_of::<BufRingEntry>() * count as usize, PAGE)
                 .expect("ring entry layout is valid: small size, page alignment");
-        let memory_layout = Layout::from_size_align(buffer_size as usize * count as usize, PAGE)
-            .expect("buffer memory layout is valid: size checked by the caller, page alignment");
-        // SAFETY: both layouts have a non-zero size (count >= 1, buffer_size >= 1 checked by
-        // `Uring::new`) and a valid alignment.
+        let memory_len = buffer_size as usize * count as usize;
+        // SAFETY: the layout has a non-zero size (count >= 1) and a valid alignment.
         let entries = unsafe { alloc_zeroed(entries_layout) } as *mut BufRingEntry;
-        // SAFETY: as above.
-        let memory = unsafe { alloc_zeroed(memory_layout) };
-        let (Some(entries), Some(memory)) = (NonNull::new(entries), NonNull::new(memory)) else {
-            std::alloc::handle_alloc_error(memory_layout);
+        let Some(entries) = NonNull::new(entries) else {
+            std::alloc::handle_alloc_error(entries_layout);
+        };
+        // SAFETY: a fresh anonymous private mapping: no address hint, no fd; the length is
+        // non-zero (count >= 1, buffer_size >= 1 checked by `Uring::new`).
+        let mapped = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                memory_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let memory = if mapped == libc::MAP_FAILED {
+            None
+        } else {
+            NonNull::new(mapped as *mut u8)
+        };
+        let Some(memory) = memory else {
+            // SAFETY: `entries` came from `alloc_zeroed` with this layout and is not used after.
+            unsafe { dealloc(entries.as_ptr() as *mut u8, entries_layout) };
+            std::alloc::handle_alloc_error(
+                Layout::from_size_align(memory_len, PAGE).unwrap_or(entries_layout),
+            );
         };
         BufferPool {
             entries,
             entries_layout,
             memory,
-            memory_layout,
+            memory_len,
             buffer_size,
             count,
             tail: 0,
@@ -134,7 +157,7 @@ impl BufferPool {
         debug_assert!(id < self.count && offset <= self.buffer_size);
         let at = id as usize * self.buffer_size as usize + offset as usize;
         // SAFETY: `at` is within the allocation: id < count and offset <= buffer_size.
-        unsafe { self.memory.as_ptr().add(at.min(self.memory_layout.size())) }
+        unsafe { self.memory.as_ptr().add(at.min(self.memory_len)) }
     }
 
     /// Takes note that the kernel consumed one buffer (a completion named it).
@@ -167,11 +190,12 @@ impl BufferPool {
 
 impl Drop for BufferPool {
     fn drop(&mut self) {
-        // SAFETY: both pointers came from `alloc_zeroed` with these layouts. `Uring` drops its
-        // ring before its pool, so the kernel no longer references this memory.
+        // SAFETY: `entries` came from `alloc_zeroed` with this layout and `memory` from `mmap`
+        // with this length. `Uring` drops its ring before its pool, so the kernel no longer
+        // references either.
         unsafe {
             dealloc(self.entries.as_ptr() as *mut u8, self.entries_layout);
-            dealloc(self.memory.as_ptr(), self.memory_layout);
+            libc::munmap(self.memory.as_ptr().cast(), self.memory_len);
         }
     }
 }

@@ -20,6 +20,8 @@ use crate::counters::WorkerCounters;
 use crate::pipes::{PipeId, PipePool, Spliced};
 use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets};
 
+/// Connect addresses held from the start; the table grows as slots are added.
+const CONNECT_SLOTS_INITIAL: usize = 1024;
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 4096;
 /// Buffers in the worker's pool and their size: 4096 x 16 KiB = 64 MiB of address space. A
@@ -232,13 +234,14 @@ impl Worker {
                 Err(e) => tracing::warn!(worker = index, error = %e, "could not pin worker"),
             }
         }
-        let slots_max = config.connections_max_total as usize;
         let mut ring = Uring::new(
             RING_ENTRIES,
             BUFFER_COUNT,
             BUFFER_SIZE,
             RING_LOW,
-            slots_max.min(1 << 24),
+            // Room for connects in flight grows with the slab; start small (a fd limit of a
+            // million would otherwise cost megabytes per worker up front).
+            CONNECT_SLOTS_INITIAL,
         )?;
         if index == 0 {
             tracing::info!(features = ?ring.features(), "io_uring ready");

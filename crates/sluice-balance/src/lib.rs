@@ -1,35 +1,51 @@
-//! Backend choice for Sluice: immutable, versioned [`Snapshot`]s of every listener's backends,
-//! the algorithms that pick one backend for a new connection, and the [`SnapshotCell`] through
-//! which the control plane publishes a new snapshot to the workers without a lock.
+//! Backend choice for Sluice: immutable, versioned [`Snapshot`]s of every listener's backends
+//! (with the hashing algorithms' tables already built), the per-worker [`Picker`]s that choose
+//! one backend for a new connection, and the [`SnapshotCell`] through which the control plane
+//! publishes a new snapshot to the workers without a lock.
 //!
 //! This crate does no I/O, reads no clock and starts no thread. It does not know about sockets,
-//! io_uring or health checks: the control plane decides which backends exist and in what state,
-//! builds a `Snapshot`, and publishes it; each worker asks the snapshot for a backend.
+//! io_uring or health checks: the control plane decides which backends exist, with what weight
+//! and in what state, builds a `Snapshot` (building a Maglev table or a ring is its work, never a
+//! worker's), and publishes it; each worker asks its pickers for a backend.
 //!
 //! Main types:
 //! - [`Snapshot`]: generation plus one [`ListenerBackends`] per listener, in config order.
+//! - [`ListenerBackends`]: the backends, the [`Algorithm`] and its [`Table`], and the
+//!   [`fingerprint`](ListenerBackends::fingerprint) that operators compare across instances.
 //! - [`Backend`], [`BackendId`]: one backend of one listener and its index in that listener.
+//! - [`BackendLoad`], [`ActiveGuard`]: the one piece of shared mutable state, a backend's count of
+//!   active connections, read by `least_connections` and `power_of_two` (see
+//!   [`least_connections`] for the design and its error bound).
 //! - [`Picker`]: the per-worker, per-listener mutable state an algorithm needs (round-robin's
-//!   current weights); a worker keeps one per listener and resets it when the generation changes.
+//!   current weights, a random generator, a cursor); a worker makes new ones when it adopts a
+//!   snapshot of another generation.
 //! - [`SnapshotCell`]: the lock-free publication point (`arc-swap`).
 //!
-//! Only round-robin is selectable so far. [`maglev`] (weighted, order-independent tables with a
-//! frozen fingerprint) and [`ring_hash`] (ketama) are built and tested over the stable
-//! SipHash-2-4 of [`hash`], but not yet behind [`Algorithm`]/[`Picker`]: the balancing issue
-//! wires them in, with `least_connections`, `random` and `power_of_two`.
-
-mod round_robin;
+//! One file per algorithm: [`round_robin`], [`least_connections`], [`random`], [`power_of_two`],
+//! [`ring_hash`], [`maglev`]; all of the hashing goes through the frozen SipHash-2-4 of [`hash`].
 
 pub mod hash;
+pub mod least_connections;
 pub mod maglev;
+pub mod power_of_two;
+pub mod random;
 pub mod ring_hash;
+pub mod round_robin;
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use arc_swap::ArcSwap;
 
-pub use round_robin::RoundRobin;
+use hash::{Identity, KEY_FINGERPRINT, SipHasher24};
+use least_connections::LeastConnections;
+use maglev::MaglevTable;
+use power_of_two::PowerOfTwo;
+use random::{Random, Rng};
+use ring_hash::RingHash;
+use round_robin::RoundRobin;
 
 /// Index of a backend within its listener's backend list in one snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,35 +58,290 @@ impl BackendId {
     }
 }
 
-/// The address a client connected from: the key that hashing algorithms will use.
+/// The address a client connected from: the key that hashing algorithms use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Whether a backend may take new connections, as the control plane (health checks, operators)
+/// last decided. A `Down` backend is left out of every pick and every table; its established
+/// connections are not touched by this crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Up,
+    Down,
+}
+
+impl BackendState {
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Down => "down",
+        }
+    }
+}
+
+/// A backend's count of active connections, shared by every worker (one atomic, on its own
+/// cache line so that two backends' counts never share one). It outlives snapshots: the control
+/// plane hands the same `Arc` to every snapshot that keeps the backend, so connections opened
+/// under one generation and closed under another are counted once.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct BackendLoad {
+    active: AtomicU32,
+}
+
+impl BackendLoad {
+    /// Connections counted now (relaxed: a hint for choosing, not a synchronisation point).
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection counted in a backend's [`BackendLoad`]: made by [`Backend::open`], uncounted
+/// when dropped, so each connection is counted exactly once whatever path closes it.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<BackendLoad>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One backend of one listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub id: BackendId,
     pub addr: SocketAddr,
     /// 0..=1000; 0 takes no new connections.
     pub weight: u16,
+    pub state: BackendState,
+    pub load: Arc<BackendLoad>,
 }
 
-/// The balancing algorithm of a listener.
+impl Backend {
+    /// An `Up` backend with a fresh load count.
+    pub fn new(id: BackendId, addr: SocketAddr, weight: u16) -> Self {
+        Backend {
+            id,
+            addr,
+            weight,
+            state: BackendState::Up,
+            load: Arc::default(),
+        }
+    }
+
+    /// Whether the backend may take a new connection at all: up and with a weight.
+    pub fn eligible(&self) -> bool {
+        self.weight > 0 && self.state == BackendState::Up
+    }
+
+    /// Counts one more active connection until the guard is dropped.
+    pub fn open(&self) -> ActiveGuard {
+        self.load.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(&self.load))
+    }
+
+    /// The active connections now counted on this backend by every worker.
+    pub fn active(&self) -> u32 {
+        self.load.active()
+    }
+}
+
+/// The part of the client's address that the hashing algorithms hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// Every connection from one host goes to one backend (source affinity).
+    #[default]
+    ClientIp,
+    /// Connections spread over backends, each one stable (what ECMP does with a 5-tuple).
+    ClientIpPort,
+}
+
+impl HashKey {
+    pub fn label(self) -> &'static str {
+        match self {
+            HashKey::ClientIp => "client_ip",
+            HashKey::ClientIpPort => "client_ip_port",
+        }
+    }
+
+    /// The frozen hash of `client` under this key (see [`hash`]).
+    pub fn hash(self, client: ClientAddr) -> u64 {
+        match self {
+            HashKey::ClientIp => hash::client_ip_hash(client),
+            HashKey::ClientIpPort => hash::client_ip_port_hash(client),
+        }
+    }
+}
+
+/// The balancing algorithm of a listener, with its parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
     RoundRobin,
+    LeastConnections,
+    Random,
+    PowerOfTwo,
+    RingHash {
+        hash_key: HashKey,
+        points_per_weight: u32,
+    },
+    Maglev {
+        hash_key: HashKey,
+        /// `None`: [`maglev::default_table_size`] of the backend count.
+        table_size: Option<u32>,
+    },
 }
 
-/// The backends of one listener as of one generation.
+impl Algorithm {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::Random => "random",
+            Algorithm::PowerOfTwo => "power_of_two",
+            Algorithm::RingHash { .. } => "ring_hash",
+            Algorithm::Maglev { .. } => "maglev",
+        }
+    }
+
+    /// The hash key of the hashing algorithms, `None` for the others.
+    pub fn hash_key(self) -> Option<HashKey> {
+        match self {
+            Algorithm::RingHash { hash_key, .. } | Algorithm::Maglev { hash_key, .. } => {
+                Some(hash_key)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What an algorithm precomputes from a listener's backends when the snapshot is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Table {
+    /// Round-robin and least-connections need nothing precomputed.
+    None,
+    /// Cumulative weights of the eligible backends, for `random` and `power_of_two`.
+    Weights(random::WeightTable),
+    Ring(RingHash),
+    Maglev(MaglevTable),
+}
+
+/// The backends of one listener as of one generation, with the algorithm's table built from the
+/// eligible ones. Immutable: a change of weight or state makes a new one in a new snapshot.
+#[derive(Debug, Clone)]
 pub struct ListenerBackends {
     pub algorithm: Algorithm,
     pub backends: Vec<Backend>,
+    pub table: Table,
+    fingerprint: u64,
+}
+
+impl ListenerBackends {
+    /// Builds the algorithm's table from `backends` (their `id`s must be their indices). For
+    /// `maglev` this is the expensive step (milliseconds for a 65537-slot table): the control
+    /// plane does it, never a worker.
+    pub fn new(algorithm: Algorithm, backends: Vec<Backend>) -> Self {
+        debug_assert!(backends.iter().enumerate().all(|(i, b)| b.id.index() == i));
+        let eligible: Vec<Backend> = backends.iter().filter(|b| b.eligible()).cloned().collect();
+        let table = match algorithm {
+            Algorithm::RoundRobin | Algorithm::LeastConnections => Table::None,
+            Algorithm::Random | Algorithm::PowerOfTwo => {
+                Table::Weights(random::WeightTable::new(&backends))
+            }
+            Algorithm::RingHash {
+                points_per_weight, ..
+            } => Table::Ring(RingHash::build(&eligible, points_per_weight)),
+            Algorithm::Maglev { table_size, .. } => {
+                let size = table_size.unwrap_or_else(|| maglev::default_table_size(backends.len()));
+                Table::Maglev(MaglevTable::build(&eligible, size))
+            }
+        };
+        let fingerprint = match &table {
+            Table::Ring(ring) => ring.fingerprint(),
+            Table::Maglev(maglev) => maglev.fingerprint(),
+            Table::None | Table::Weights(_) => weights_fingerprint(algorithm, &eligible),
+        };
+        ListenerBackends {
+            algorithm,
+            backends,
+            table,
+            fingerprint,
+        }
+    }
+
+    /// A stable 64-bit hash of what decides where connections go: for `maglev` and `ring_hash`
+    /// the table itself, for the others the algorithm and the set of eligible (address, weight)
+    /// pairs. Independent of list order and of process, machine and version: two instances with
+    /// the same fingerprint choose alike (hashing algorithms: the same backend for the same
+    /// client).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// What each backend holds of the algorithm's table, in `backends` order: its slots
+    /// (`maglev`), its points (`ring_hash`), or its weight (the others); 0 for a backend that is
+    /// down or has weight 0.
+    pub fn holdings(&self) -> Vec<u64> {
+        let mut counts = vec![0u64; self.backends.len()];
+        match &self.table {
+            Table::Maglev(maglev) => {
+                for (id, slots) in maglev.shares() {
+                    counts[id.index()] = u64::from(slots);
+                }
+            }
+            Table::Ring(ring) => {
+                for (id, points) in ring.shares() {
+                    counts[id.index()] = points as u64;
+                }
+            }
+            Table::None | Table::Weights(_) => {
+                for b in self.backends.iter().filter(|b| b.eligible()) {
+                    counts[b.id.index()] = u64::from(b.weight);
+                }
+            }
+        }
+        counts
+    }
+
+    /// Each backend's share of new connections as a fraction of the [`holdings`](Self::holdings)
+    /// (all 0 when no backend can take a connection).
+    pub fn shares(&self) -> Vec<f64> {
+        let counts = self.holdings();
+        let total: u64 = counts.iter().sum();
+        counts
+            .iter()
+            .map(|&c| {
+                if total == 0 {
+                    0.0
+                } else {
+                    c as f64 / total as f64
+                }
+            })
+            .collect()
+    }
+}
+
+/// SipHash of the algorithm's name and the eligible (identity, weight) pairs in identity order.
+fn weights_fingerprint(algorithm: Algorithm, eligible: &[Backend]) -> u64 {
+    let mut pairs: Vec<(Identity, u16)> = eligible
+        .iter()
+        .map(|b| (Identity::new(b.addr), b.weight))
+        .collect();
+    pairs.sort_unstable();
+    let mut hasher = SipHasher24::new(KEY_FINGERPRINT);
+    hasher.write(algorithm.name().as_bytes());
+    for (identity, weight) in pairs {
+        hasher.write(identity.as_bytes());
+        hasher.write(&weight.to_be_bytes());
+    }
+    hasher.finish()
 }
 
 /// An immutable view of every listener's backends. Workers hold an `Arc<Snapshot>` and adopt a
 /// newer one between completion batches; connections already established keep their backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub generation: u64,
     /// One entry per listener, in config order.
@@ -79,32 +350,86 @@ pub struct Snapshot {
 
 /// Per-worker, per-listener picking state. Created from a snapshot's listener entry; a worker
 /// makes a new one when it adopts a snapshot of another generation.
-#[derive(Debug, Clone)]
-pub enum Picker {
+pub struct Picker {
+    kind: PickerKind,
+}
+
+enum PickerKind {
     RoundRobin(RoundRobin),
+    LeastConnections(LeastConnections),
+    Random(Random),
+    PowerOfTwo(PowerOfTwo),
+    /// Ring hash and Maglev keep no per-worker state: the table is in the snapshot.
+    Hashing,
+}
+
+impl fmt::Debug for Picker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.kind {
+            PickerKind::RoundRobin(_) => "round_robin",
+            PickerKind::LeastConnections(_) => "least_connections",
+            PickerKind::Random(_) => "random",
+            PickerKind::PowerOfTwo(_) => "power_of_two",
+            PickerKind::Hashing => "hashing",
+        };
+        f.debug_struct("Picker").field("kind", &name).finish()
+    }
 }
 
 impl Picker {
-    /// The picking state for `listener` as of the snapshot it comes from. `offset` staggers
-    /// workers so that N workers do not all start on the first backend.
-    pub fn new(listener: &ListenerBackends, offset: usize) -> Self {
-        match listener.algorithm {
+    /// The picking state for `listener`. `worker` staggers workers so that N workers do not all
+    /// start on the first backend; `seed` seeds the random algorithms (the caller takes it from
+    /// the OS, so that instances do not draw the same sequence).
+    pub fn new(listener: &ListenerBackends, worker: usize, seed: u64) -> Self {
+        let kind = match listener.algorithm {
             Algorithm::RoundRobin => {
-                Picker::RoundRobin(RoundRobin::new(&listener.backends, offset))
+                PickerKind::RoundRobin(RoundRobin::new(&listener.backends, worker))
             }
-        }
+            Algorithm::LeastConnections => {
+                PickerKind::LeastConnections(LeastConnections::new(worker))
+            }
+            Algorithm::Random => PickerKind::Random(Random::new(Rng::new(seed))),
+            Algorithm::PowerOfTwo => PickerKind::PowerOfTwo(PowerOfTwo::new(Rng::new(seed))),
+            Algorithm::RingHash { .. } | Algorithm::Maglev { .. } => PickerKind::Hashing,
+        };
+        Picker { kind }
     }
 
-    /// Picks a backend for a new connection from `client`, skipping those in `exclude`
-    /// (backends already tried by this connection). `None` when no backend can take it.
+    /// Picks an eligible backend for a new connection from `client`, skipping those in `exclude`
+    /// (backends already tried by this connection: a retry takes the algorithm's next choice).
+    /// `None` when no backend can take it.
     pub fn pick(
         &mut self,
         listener: &ListenerBackends,
-        _client: ClientAddr,
+        client: ClientAddr,
         exclude: &[BackendId],
     ) -> Option<BackendId> {
-        match self {
-            Picker::RoundRobin(rr) => rr.pick(&listener.backends, exclude),
+        let backends = &listener.backends;
+        match (&mut self.kind, &listener.table) {
+            (PickerKind::RoundRobin(rr), _) => rr.pick(backends, exclude),
+            (PickerKind::LeastConnections(lc), _) => lc.pick(backends, exclude),
+            (PickerKind::Random(r), Table::Weights(w)) => r.pick(backends, w, exclude),
+            (PickerKind::PowerOfTwo(p), Table::Weights(w)) => p.pick(backends, w, exclude),
+            (PickerKind::Hashing, Table::Maglev(table)) => {
+                let key = listener
+                    .algorithm
+                    .hash_key()
+                    .unwrap_or_default()
+                    .hash(client);
+                table.pick(key, exclude)
+            }
+            (PickerKind::Hashing, Table::Ring(ring)) => {
+                let key = listener
+                    .algorithm
+                    .hash_key()
+                    .unwrap_or_default()
+                    .hash(client);
+                ring.pick(key, exclude)
+            }
+            // A picker made from another listener entry than the one it is asked about: the
+            // worker makes pickers and snapshot entries together, so this is a bug; choose
+            // nothing rather than the wrong thing.
+            _ => None,
         }
     }
 }
@@ -128,6 +453,7 @@ impl SnapshotCell {
     }
 
     /// Replaces the snapshot. The caller also wakes the workers so that a sleeping one sees it.
+    /// The old snapshot is freed when the last worker holding it adopts the new one.
     pub fn publish(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
     }
@@ -144,52 +470,20 @@ pub(crate) fn test_backends(weights: &[u16]) -> Vec<Backend> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, &weight)| Backend {
-            id: BackendId(i as u32),
-            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
-            weight,
+        .map(|(i, &weight)| {
+            Backend::new(
+                BackendId(i as u32),
+                SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                weight,
+            )
         })
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn listener(weights: &[u16]) -> ListenerBackends {
-        ListenerBackends {
-            algorithm: Algorithm::RoundRobin,
-            backends: test_backends(weights),
-        }
-    }
-
-    #[test]
-    fn cell_publishes_new_generation_and_old_snapshot_survives_while_held() {
-        let cell = SnapshotCell::new(Snapshot {
-            generation: 1,
-            listeners: vec![listener(&[1])],
-        });
-        let held = cell.load();
-        cell.publish(Snapshot {
-            generation: 2,
-            listeners: vec![listener(&[1, 1])],
-        });
-        assert_eq!(held.generation, 1);
-        assert_eq!(held.listeners[0].backends.len(), 1);
-        assert_eq!(cell.generation(), 2);
-        assert_eq!(cell.load().listeners[0].backends.len(), 2);
-    }
-
-    #[test]
-    fn picker_skips_excluded_backends() {
-        let l = listener(&[1, 1, 1]);
-        let mut p = Picker::new(&l, 0);
-        let client = ClientAddr(SocketAddr::from(([127, 0, 0, 1], 1)));
-        let first = p.pick(&l, client, &[]).unwrap();
-        let second = p.pick(&l, client, &[first]).unwrap();
-        assert_ne!(first, second);
-        let third = p.pick(&l, client, &[first, second]).unwrap();
-        assert!(third != first && third != second);
-        assert_eq!(p.pick(&l, client, &[first, second, third]), None);
-    }
+/// Whether `id` may be chosen: eligible and not already tried.
+pub(crate) fn can_take(backend: &Backend, exclude: &[BackendId]) -> bool {
+    backend.eligible() && !exclude.contains(&backend.id)
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,9 @@
 //! identity hash before filling, so every list order, every process and every version builds the
 //! same table. Building keeps one cursor per backend, not the `N x M` permutation matrix.
 
-use crate::hash::{Identity, KEY_FINGERPRINT, SipHasher24, backend_hash, backend_skip_hash};
+use crate::hash::{
+    Identity, KEY_CLIENT, KEY_FINGERPRINT, SipHasher24, backend_hash, backend_skip_hash,
+};
 use crate::{Backend, BackendId};
 
 /// The smallest table size: 65537 is prime and is what Envoy and Katran default to.
@@ -78,6 +80,28 @@ impl MaglevTable {
         Some(self.entries[self.slots[slot] as usize].id)
     }
 
+    /// The backend for `key_hash`, skipping those in `exclude` (a retry): the first lookup not
+    /// excluded among `key_hash`, then `retry_key(key_hash, 1)`, `retry_key(key_hash, 2)`, ...;
+    /// after `2 x backends` such tries, the first backend in fill order not excluded. Every
+    /// instance with the same table makes the same retries.
+    pub fn pick(&self, key_hash: u64, exclude: &[BackendId]) -> Option<BackendId> {
+        let first = self.lookup(key_hash)?;
+        if !exclude.contains(&first) {
+            return Some(first);
+        }
+        let tries = 2 * self.entries.len() as u32;
+        for attempt in 1..=tries {
+            let id = self.lookup(retry_key(key_hash, attempt))?;
+            if !exclude.contains(&id) {
+                return Some(id);
+            }
+        }
+        self.entries
+            .iter()
+            .map(|e| e.id)
+            .find(|id| !exclude.contains(id))
+    }
+
     /// `M`, the number of slots (also when the table is empty).
     pub fn table_size(&self) -> u32 {
         self.table_size
@@ -115,6 +139,15 @@ impl MaglevTable {
         shares.sort_unstable();
         shares
     }
+}
+
+/// The key of retry `attempt` of a client whose key hash is `key_hash`: SipHash-2-4 under
+/// [`KEY_CLIENT`] of both, little-endian.
+fn retry_key(key_hash: u64, attempt: u32) -> u64 {
+    let mut hasher = SipHasher24::new(KEY_CLIENT);
+    hasher.write_u64(key_hash);
+    hasher.write(&attempt.to_le_bytes());
+    hasher.finish()
 }
 
 /// The table size for `backends` backends: the smallest prime at least 65537 and at least
@@ -243,10 +276,12 @@ mod tests {
 
     fn backends_10_0_0(count: u8, port: u16) -> Vec<Backend> {
         (1..=count)
-            .map(|i| Backend {
-                id: BackendId(u32::from(i) - 1),
-                addr: SocketAddr::from(([10, 0, 0, i], port)),
-                weight: 1,
+            .map(|i| {
+                Backend::new(
+                    BackendId(u32::from(i) - 1),
+                    SocketAddr::from(([10, 0, 0, i], port)),
+                    1,
+                )
             })
             .collect()
     }
@@ -420,29 +455,5 @@ mod tests {
         }
         assert!(is_prime(65537) && is_prime(100_003) && is_prime(1_000_003));
         assert!(!is_prime(65535) && !is_prime(100_001) && !is_prime(u32::MAX));
-    }
-
-    /// Build time, for the report; run with
-    /// `cargo test -p sluice-balance --release -- --ignored --nocapture maglev`.
-    #[test]
-    #[ignore = "timing, not a check"]
-    fn build_time() {
-        for (n, m) in [(100usize, 65537u32), (1000, 65537), (1000, 100_003)] {
-            let list = backends_many(n);
-            let start = std::time::Instant::now();
-            let table = MaglevTable::build(&list, m);
-            println!("maglev n={n} M={m}: {:?}", start.elapsed());
-            assert!(!table.is_empty());
-        }
-    }
-
-    fn backends_many(n: usize) -> Vec<Backend> {
-        (0..n)
-            .map(|i| Backend {
-                id: BackendId(i as u32),
-                addr: SocketAddr::from(([10, 1, (i / 256) as u8, (i % 256) as u8], 6379)),
-                weight: 1,
-            })
-            .collect()
     }
 }

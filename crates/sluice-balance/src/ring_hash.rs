@@ -76,6 +76,37 @@ impl RingHash {
         Some(self.owners[point.owner as usize].id)
     }
 
+    /// The backend of the first point at or after `key_hash` whose owner is not in `exclude`
+    /// (a retry walks on clockwise, as ketama clients do); `None` when every owner is excluded.
+    pub fn pick(&self, key_hash: u64, exclude: &[BackendId]) -> Option<BackendId> {
+        if self.points.is_empty() {
+            return None;
+        }
+        if exclude.is_empty() {
+            return self.lookup(key_hash);
+        }
+        if self.owners.iter().all(|o| exclude.contains(&o.id)) {
+            return None;
+        }
+        let at = self.points.partition_point(|p| p.hash < key_hash);
+        let n = self.points.len();
+        (0..n)
+            .map(|i| self.owners[self.points[(at + i) % n].owner as usize].id)
+            .find(|id| !exclude.contains(id))
+    }
+
+    /// Points owned by each backend with a non-zero weight, sorted by `BackendId`.
+    pub fn shares(&self) -> Vec<(BackendId, usize)> {
+        let mut counts = vec![0usize; self.owners.len()];
+        for p in &self.points {
+            counts[p.owner as usize] += 1;
+        }
+        let mut shares: Vec<(BackendId, usize)> =
+            self.owners.iter().map(|o| o.id).zip(counts).collect();
+        shares.sort_unstable();
+        shares
+    }
+
     /// The number of points on the ring.
     pub fn len(&self) -> usize {
         self.points.len()
@@ -209,10 +240,12 @@ mod tests {
     #[test]
     fn golden_fingerprint_is_frozen() {
         let list: Vec<Backend> = (1..=10u8)
-            .map(|i| Backend {
-                id: BackendId(u32::from(i) - 1),
-                addr: SocketAddr::from(([10, 0, 0, i], 6379)),
-                weight: 1,
+            .map(|i| {
+                Backend::new(
+                    BackendId(u32::from(i) - 1),
+                    SocketAddr::from(([10, 0, 0, i], 6379)),
+                    1,
+                )
             })
             .collect();
         let ring = RingHash::build(&list, 160);

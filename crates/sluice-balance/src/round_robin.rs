@@ -1,8 +1,12 @@
 //! Smooth weighted round-robin (nginx's algorithm): each pick adds every backend's weight to its
 //! current score, takes the highest, and subtracts the total from the winner. With weights 5:1:1
 //! this gives `a a b a c a a` rather than five `a` in a row.
+//!
+//! Each worker keeps its own scores (no shared state, nothing touched across cores); with W
+//! workers the split over all of them still follows the weights, each worker's share of it
+//! smoothly.
 
-use crate::{Backend, BackendId};
+use crate::{Backend, BackendId, can_take};
 
 /// Round-robin state of one worker for one listener.
 #[derive(Debug, Clone)]
@@ -22,7 +26,8 @@ impl RoundRobin {
         rr
     }
 
-    /// The next backend, skipping weight 0 and `exclude`. `None` when none is eligible.
+    /// The next backend, skipping those down, of weight 0 or in `exclude`. `None` when none is
+    /// eligible.
     pub fn pick(&mut self, backends: &[Backend], exclude: &[BackendId]) -> Option<BackendId> {
         if self.current.len() != backends.len() {
             self.current = vec![0; backends.len()];
@@ -30,7 +35,7 @@ impl RoundRobin {
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for (i, backend) in backends.iter().enumerate() {
-            if backend.weight == 0 || exclude.contains(&backend.id) {
+            if !can_take(backend, exclude) {
                 continue;
             }
             let weight = i64::from(backend.weight);

@@ -100,14 +100,10 @@ pub enum Protocol {
     Tcp,
 }
 
-/// Load-balancing algorithm. The reference's other names (`least_connections`, `random`,
-/// `power_of_two`, `ring_hash`, `maglev`) are known but not yet supported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Algorithm {
-    /// Each backend in turn, smoothly weighted when weights differ.
-    #[default]
-    RoundRobin,
-}
+/// Load-balancing algorithm with its parameters (`hash_key`, `maglev.table_size`,
+/// `ring_hash.points_per_weight`): the balancing crate's own type, so that what the file says is
+/// what the workers run.
+pub use sluice_balance::{Algorithm, HashKey};
 
 /// One backend of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]

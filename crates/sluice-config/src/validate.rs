@@ -9,10 +9,12 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
+use sluice_balance::maglev;
+
 use crate::tree::{Node, Value};
 use crate::{
-    Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, Listener,
-    Location, OnMaxConnections, Protocol, Timeouts, Workers, scalar,
+    Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, HashKey,
+    Listener, Location, OnMaxConnections, Protocol, Timeouts, Workers, scalar,
 };
 
 /// Checks the whole document and returns the config, or every error found.
@@ -57,11 +59,11 @@ const LISTENER: Schema = Schema {
         "max_connections",
         "on_max_connections",
         "retries",
-    ],
-    unsupported: &[
         "hash_key",
         "maglev",
         "ring_hash",
+    ],
+    unsupported: &[
         "health",
         "passive",
         "on_all_down",
@@ -85,14 +87,33 @@ const TIMEOUTS: Schema = Schema {
     unsupported: &[],
 };
 
-const ALGORITHMS_SUPPORTED: &[&str] = &["round_robin"];
-const ALGORITHMS_LATER: &[&str] = &[
+const MAGLEV: Schema = Schema {
+    supported: &["table_size"],
+    unsupported: &[],
+};
+
+const RING_HASH: Schema = Schema {
+    supported: &["points_per_weight"],
+    unsupported: &[],
+};
+
+const ALGORITHMS: &[&str] = &[
+    "round_robin",
     "least_connections",
     "random",
     "power_of_two",
     "ring_hash",
     "maglev",
 ];
+
+/// Envoy's bound on a Maglev table (a prime): 20 MB of slots per listener and snapshot.
+const TABLE_SIZE_MAX: u32 = 5_000_011;
+/// Maglev slots per backend for weights to hold within 1% (the paper's bound).
+const SLOTS_PER_BACKEND: u64 = 100;
+const POINTS_PER_WEIGHT_DEFAULT: u32 = 160;
+const POINTS_PER_WEIGHT_MAX: u32 = 10_000;
+/// Envoy's default bound on a ring (8M points, 128 MiB at 16 bytes a point).
+const RING_POINTS_MAX: u64 = 8 * 1024 * 1024;
 
 const WORKERS_MAX: i128 = 1024;
 const WEIGHT_MAX: i128 = 1000;
@@ -340,16 +361,17 @@ impl Walker<'_> {
 
     /// Reads how a listener forwards: backends, algorithm, timeouts and limits.
     fn listener_forwarding(&mut self, fields: &Fields, path: &str, listener: &mut Listener) {
-        if let Some(node) = fields.get("algorithm") {
-            let field = format!("{path}.algorithm");
-            listener.algorithm = self
-                .algorithm(node, &field)
-                .unwrap_or(Algorithm::RoundRobin);
-        }
+        let name = match fields.get("algorithm") {
+            Some(node) => self.algorithm_name(node, &format!("{path}.algorithm")),
+            None => Some("round_robin"),
+        };
         let field = format!("{path}.backends");
         match fields.get("backends") {
             Some(node) => listener.backends = self.backends(node, &field),
             None => self.missing(fields.location, &field, "a list of backends"),
+        }
+        if let Some(name) = name {
+            listener.algorithm = self.algorithm(fields, path, name, &listener.backends);
         }
         if let Some(node) = fields.get("timeouts") {
             listener.timeouts = self.timeouts(node, &format!("{path}.timeouts"));
@@ -402,29 +424,129 @@ impl Walker<'_> {
         }
     }
 
-    fn algorithm(&mut self, node: &Node, field: &str) -> Option<Algorithm> {
+    fn algorithm_name<'n>(&mut self, node: &'n Node, field: &str) -> Option<&'n str> {
         let text = self.string(node, field)?;
-        if ALGORITHMS_SUPPORTED.contains(&text) {
-            return Some(Algorithm::RoundRobin);
+        if ALGORITHMS.contains(&text) {
+            return Some(text);
         }
-        let message = if ALGORITHMS_LATER.contains(&text) {
+        let message = format!(
+            "unknown algorithm {text:?}, expected one of: {}",
+            ALGORITHMS.join(", ")
+        );
+        self.error(node.location, field, message);
+        None
+    }
+
+    /// The algorithm `name` with its settings (`hash_key`, `maglev`, `ring_hash`), each checked
+    /// against the algorithm and the backends it will balance.
+    fn algorithm(
+        &mut self,
+        fields: &Fields,
+        path: &str,
+        name: &str,
+        backends: &[BackendSpec],
+    ) -> Algorithm {
+        let hashing = matches!(name, "ring_hash" | "maglev");
+        let mut hash_key = HashKey::ClientIp;
+        if let Some(node) = fields.get("hash_key") {
+            let field = format!("{path}.hash_key");
+            match self.choice(node, &field, &["client_ip", "client_ip_port"]) {
+                _ if !hashing => {
+                    let message = format!(
+                        "hash_key applies only to algorithm ring_hash or maglev, not {name}"
+                    );
+                    self.error(node.location, field, message);
+                }
+                Some("client_ip_port") => hash_key = HashKey::ClientIpPort,
+                _ => {}
+            }
+        }
+        for (key, wanted) in [("maglev", "maglev"), ("ring_hash", "ring_hash")] {
+            if let Some(node) = fields.get(key)
+                && name != wanted
+            {
+                let message =
+                    format!("{key} settings apply only to algorithm {wanted}, not {name}");
+                self.error(node.location, format!("{path}.{key}"), message);
+            }
+        }
+        match name {
+            "least_connections" => Algorithm::LeastConnections,
+            "random" => Algorithm::Random,
+            "power_of_two" => Algorithm::PowerOfTwo,
+            "ring_hash" => Algorithm::RingHash {
+                hash_key,
+                points_per_weight: match fields.get("ring_hash") {
+                    Some(node) => self.ring_hash(node, &format!("{path}.ring_hash"), backends),
+                    None => POINTS_PER_WEIGHT_DEFAULT,
+                },
+            },
+            "maglev" => Algorithm::Maglev {
+                hash_key,
+                table_size: fields
+                    .get("maglev")
+                    .and_then(|node| self.maglev(node, &format!("{path}.maglev"), backends)),
+            },
+            _ => Algorithm::RoundRobin,
+        }
+    }
+
+    /// `maglev: { table_size }`: a prime, at least 100 slots per backend, at most
+    /// `TABLE_SIZE_MAX`. `None` (the default size) when absent or wrong.
+    fn maglev(&mut self, node: &Node, path: &str, backends: &[BackendSpec]) -> Option<u32> {
+        let fields = self.mapping(node, path, &MAGLEV)?;
+        let node = fields.get("table_size")?;
+        let field = format!("{path}.table_size");
+        let size = self.integer(node, &field, 2, TABLE_SIZE_MAX.into())?;
+        let size = u32::try_from(size).ok()?;
+        let wanted = backends.len() as u64 * SLOTS_PER_BACKEND;
+        let message = if !maglev::is_prime(size) {
             format!(
-                "{text} is not yet supported (supported: {})",
-                ALGORITHMS_SUPPORTED.join(", ")
+                "{size} is not prime: a Maglev table's size must be prime for every backend's \
+                 permutation to reach every slot (next prime: {})",
+                next_prime(size)
+            )
+        } else if u64::from(size) < wanted {
+            format!(
+                "{size} is below 100 slots for each of the {} backends ({wanted}), the size at \
+                 which weights hold within 1%; use a prime of at least {wanted}, such as {}, or \
+                 leave table_size out for the default ({})",
+                backends.len(),
+                next_prime(u32::try_from(wanted).unwrap_or(TABLE_SIZE_MAX)),
+                maglev::default_table_size(backends.len())
             )
         } else {
-            let all: Vec<&str> = ALGORITHMS_SUPPORTED
-                .iter()
-                .chain(ALGORITHMS_LATER)
-                .copied()
-                .collect();
-            format!(
-                "unknown algorithm {text:?}, expected one of: {}",
-                all.join(", ")
-            )
+            return Some(size);
         };
         self.error(node.location, field, message);
         None
+    }
+
+    /// `ring_hash: { points_per_weight }`: 1 to `POINTS_PER_WEIGHT_MAX`, and the whole ring (the
+    /// sum of the weights times it) at most `RING_POINTS_MAX` points.
+    fn ring_hash(&mut self, node: &Node, path: &str, backends: &[BackendSpec]) -> u32 {
+        let Some(fields) = self.mapping(node, path, &RING_HASH) else {
+            return POINTS_PER_WEIGHT_DEFAULT;
+        };
+        let Some(node) = fields.get("points_per_weight") else {
+            return POINTS_PER_WEIGHT_DEFAULT;
+        };
+        let field = format!("{path}.points_per_weight");
+        let Some(points) = self.integer(node, &field, 1, POINTS_PER_WEIGHT_MAX.into()) else {
+            return POINTS_PER_WEIGHT_DEFAULT;
+        };
+        let points = u32::try_from(points).unwrap_or(POINTS_PER_WEIGHT_DEFAULT);
+        let weights: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let total = weights * u64::from(points);
+        if total > RING_POINTS_MAX {
+            let message = format!(
+                "{points} points per weight over a total weight of {weights} make {total} points, \
+                 more than the ring's limit of {RING_POINTS_MAX}"
+            );
+            self.error(node.location, field, message);
+            return POINTS_PER_WEIGHT_DEFAULT;
+        }
+        points
     }
 
     fn bind(&mut self, node: &Node, field: &str) -> Option<SocketAddr> {
@@ -676,4 +798,11 @@ fn same_backend(a: &BackendSpec, b: &BackendSpec) -> bool {
         }
         _ => false,
     }
+}
+
+/// The smallest prime at or above `n` (for error messages; `n` is at most `TABLE_SIZE_MAX`).
+fn next_prime(n: u32) -> u32 {
+    (n..)
+        .find(|&c| maglev::is_prime(c))
+        .unwrap_or(TABLE_SIZE_MAX)
 }

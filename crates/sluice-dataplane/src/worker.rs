@@ -11,7 +11,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
-use sluice_balance::{BackendId, ClientAddr, Picker, Snapshot};
+use sluice_balance::{ActiveGuard, BackendId, ClientAddr, Picker, Snapshot};
 use sluice_conn::{Action, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side};
 use sluice_uring::{Completion, Uring};
 use socket2::{SockRef, Socket};
@@ -169,6 +169,9 @@ struct Slot {
     timer_at: Option<Instant>,
     /// Counted in the backend's active gauge.
     backend_counted: bool,
+    /// Counted in the backend's shared count of active connections (which `least_connections`
+    /// and `power_of_two` read) from the pick until the close begins.
+    load: Option<ActiveGuard>,
     /// Per direction (`Dir as usize`): splicing rather than copying, the pipe leased while
     /// it holds bytes, and the length of a splice-out waiting for POLLOUT.
     splicing: [bool; 2],
@@ -655,6 +658,7 @@ impl Worker {
                 slot.conn.handle_unacked(side, unacked, now);
             }
             Action::Close(reason) => {
+                slot.load = None;
                 self.counters.listeners[slot.listener].closed[reason.kind.index()].add(1);
                 tracing::debug!(
                     client = %slot.client_addr,
@@ -756,7 +760,10 @@ impl Worker {
                 .handle_connect_failed(ConnectError::NoBackend, now);
             return;
         };
-        let addr = backends.backends[id.index()].addr;
+        let backend = &backends.backends[id.index()];
+        let addr = backend.addr;
+        // Replacing the guard uncounts the backend of the previous attempt.
+        slot.load = Some(backend.open());
         slot.backend_id = Some(id);
         match sockets::backend_socket(addr) {
             Ok(socket) => {
@@ -859,6 +866,7 @@ impl Worker {
             closing: None,
             timer_at: None,
             backend_counted: false,
+            load: None,
             splicing: [false; 2],
             pipe: [None; 2],
             pending_out: [0; 2],
@@ -1084,11 +1092,16 @@ fn side_socket(slot: &Slot, side: Side) -> Option<std::os::fd::BorrowedFd<'_>> {
     }
 }
 
+/// One picker per listener. The random algorithms are seeded from the OS's randomness (through
+/// std's `RandomState`), so that workers and instances draw different sequences.
 fn make_pickers(snapshot: &Snapshot, worker: usize) -> Vec<Picker> {
+    use std::hash::BuildHasher;
+    let random = std::hash::RandomState::new();
     snapshot
         .listeners
         .iter()
-        .map(|l| Picker::new(l, worker))
+        .enumerate()
+        .map(|(i, l)| Picker::new(l, worker, random.hash_one((worker, i))))
         .collect()
 }
 

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod inspect;
 mod metrics_render;
 mod plan;
 mod run;
@@ -45,6 +46,9 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config file and print a summary of listeners and backends.
     Check(ConfigArg),
+    /// Print each listener's balancing: algorithm, table fingerprint, each backend's share.
+    /// Equal fingerprints on two instances mean they choose backends alike.
+    Inspect(ConfigArg),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +82,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(arg) => run::check(&arg.config),
         Command::Run(arg) => run::run(&arg.config),
+        Command::Inspect(arg) => match run::load(&arg.config) {
+            Ok(resolved) => inspect::inspect(&resolved, &arg.config),
+            Err(code) => code,
+        },
     }
 }
 
@@ -94,4 +102,18 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
         .with_target(false)
         .init();
     Ok(())
+}
+
+/// Writes a command's report to stdout. A reader that went away (`| head`) is not an error of
+/// ours: exit 0 without a panic, as `cat` would.
+pub(crate) fn print(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: cannot write to stdout: {e}");
+            ExitCode::from(exit::OS_ERROR)
+        }
+    }
 }

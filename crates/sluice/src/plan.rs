@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use sluice_balance::{Algorithm, Backend, BackendId, ListenerBackends, Snapshot};
+use sluice_balance::{Backend, BackendId, ListenerBackends, Snapshot};
 use sluice_config::{BackendAddress, Config, ConfigError, ConfigErrors, Workers};
 use sluice_dataplane::{Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER};
 
@@ -58,21 +58,15 @@ pub(crate) fn snapshot(resolved: &Resolved) -> Snapshot {
         .listeners
         .iter()
         .zip(&resolved.backends)
-        .map(|(listener, addrs)| ListenerBackends {
-            algorithm: match listener.algorithm {
-                sluice_config::Algorithm::RoundRobin => Algorithm::RoundRobin,
-            },
-            backends: listener
+        .map(|(listener, addrs)| {
+            let backends = listener
                 .backends
                 .iter()
                 .zip(addrs)
                 .enumerate()
-                .map(|(i, (spec, addr))| Backend {
-                    id: BackendId(i as u32),
-                    addr: *addr,
-                    weight: spec.weight,
-                })
-                .collect(),
+                .map(|(i, (spec, addr))| Backend::new(BackendId(i as u32), *addr, spec.weight))
+                .collect();
+            ListenerBackends::new(listener.algorithm, backends)
         })
         .collect();
     Snapshot {

@@ -1,5 +1,6 @@
 //! `sluice check` and `sluice run`: start-up, readiness, and the signal-driven shutdown.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::exit;
 use crate::plan::{self, Resolved};
 
 /// Loads, checks and resolves the config; prints errors (one per line) on failure.
-fn load(path: &Path) -> Result<Resolved, ExitCode> {
+pub(crate) fn load(path: &Path) -> Result<Resolved, ExitCode> {
     let config = sluice_config::load(path).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(exit::USAGE)
@@ -31,8 +32,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let config = &resolved.config;
-    println!("{}: ok", path.display());
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: ok", path.display());
+    let _ = writeln!(
+        out,
         "workers: {} ({})",
         plan::worker_count(config.workers),
         match config.workers {
@@ -40,17 +43,19 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             sluice_config::Workers::Count(_) => "fixed",
         }
     );
-    match &config.admin {
-        Some(admin) => println!("admin: http://{}/metrics", admin.bind),
-        None => println!("admin: off"),
-    }
+    let _ = match &config.admin {
+        Some(admin) => writeln!(out, "admin: http://{}/metrics", admin.bind),
+        None => writeln!(out, "admin: off"),
+    };
     for (listener, addrs) in config.listeners.iter().zip(&resolved.backends) {
         let t = &listener.timeouts;
-        println!(
-            "listener {} tcp {} round_robin: {} backend(s), connect {:?}, idle {}, half_close {}, \
+        let _ = writeln!(
+            out,
+            "listener {} tcp {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
              max_connections {}, on_max_connections {:?}, retries {}",
             listener.name,
             listener.bind,
+            listener.algorithm.name(),
             listener.backends.len(),
             t.connect,
             off_or(t.idle),
@@ -70,10 +75,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             } else {
                 format!(" -> {addr}")
             };
-            println!("  backend {written}{resolved} weight {}", spec.weight);
+            let _ = writeln!(out, "  backend {written}{resolved} weight {}", spec.weight);
         }
     }
-    ExitCode::SUCCESS
+    crate::print(&out)
 }
 
 fn off_or(d: Duration) -> String {

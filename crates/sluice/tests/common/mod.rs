@@ -27,6 +27,10 @@ pub struct Listener {
     pub bind: SocketAddr,
     /// Backends in the short form.
     pub backends: Vec<SocketAddr>,
+    /// `algorithm`.
+    pub algorithm: String,
+    /// Per backend, when not empty: its `weight` (the long form).
+    pub weights: Vec<u16>,
     /// More keys for the listener, one per line, without indentation (`retries: 1`).
     pub extra: Vec<String>,
 }
@@ -38,6 +42,8 @@ impl Listener {
             name: name.to_owned(),
             bind: free_addr(),
             backends: backends.to_vec(),
+            algorithm: "round_robin".to_owned(),
+            weights: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -45,6 +51,19 @@ impl Listener {
     /// Adds one `key: value` line to the listener.
     pub fn with(mut self, line: &str) -> Self {
         self.extra.push(line.to_owned());
+        self
+    }
+
+    /// Balances with `algorithm` instead of round-robin.
+    pub fn algorithm(mut self, algorithm: &str) -> Self {
+        self.algorithm = algorithm.to_owned();
+        self
+    }
+
+    /// Gives the backends these weights (one per backend, in order).
+    pub fn weights(mut self, weights: &[u16]) -> Self {
+        assert_eq!(weights.len(), self.backends.len());
+        self.weights = weights.to_vec();
         self
     }
 
@@ -77,9 +96,16 @@ pub fn config(
             listener.name, listener.bind
         )
         .unwrap();
-        yaml.push_str("    algorithm: round_robin\n    backends:\n");
-        for backend in &listener.backends {
-            writeln!(yaml, "      - \"{backend}\"").unwrap();
+        writeln!(yaml, "    algorithm: {}\n    backends:", listener.algorithm).unwrap();
+        for (i, backend) in listener.backends.iter().enumerate() {
+            match listener.weights.get(i) {
+                Some(weight) => writeln!(
+                    yaml,
+                    "      - {{ address: \"{backend}\", weight: {weight} }}"
+                )
+                .unwrap(),
+                None => writeln!(yaml, "      - \"{backend}\"").unwrap(),
+            }
         }
         for line in &listener.extra {
             writeln!(yaml, "    {line}").unwrap();

@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use sluice_balance::SnapshotCell;
 use sluice_dataplane::{CloseKind, DataPlane};
 
 /// What the admin endpoint renders: the data plane's counters, labelled.
 pub(crate) struct MetricsView {
     plane: Arc<DataPlane>,
+    snapshots: Arc<SnapshotCell>,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     listeners: Vec<String>,
@@ -22,6 +24,7 @@ static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, 
 impl MetricsView {
     pub(crate) fn new(
         plane: Arc<DataPlane>,
+        snapshots: Arc<SnapshotCell>,
         listeners: Vec<String>,
         backends: Vec<Vec<String>>,
     ) -> Self {
@@ -29,6 +32,7 @@ impl MetricsView {
         let handle = recorder.handle();
         let view = MetricsView {
             plane,
+            snapshots,
             recorder,
             handle,
             listeners,
@@ -100,6 +104,18 @@ impl MetricsView {
             "Receives that found the worker's buffer pool empty and waited.",
         );
         self.recorder.describe_gauge(
+            "sluice_snapshot_generation".into(),
+            None,
+            "Generation of the backend snapshot the workers are given.".into(),
+        );
+        self.recorder.describe_gauge(
+            "sluice_balance_info".into(),
+            None,
+            "1, labelled with each listener's algorithm and table fingerprint: instances with \
+             equal fingerprints choose backends alike (see `sluice inspect`)."
+                .into(),
+        );
+        self.recorder.describe_gauge(
             "sluice_pipes_leased".into(),
             None,
             "Pipes leased for splicing now.".into(),
@@ -124,6 +140,9 @@ impl MetricsView {
         };
         self.gauge("sluice_pipes_leased", vec![])
             .set(total(&|w| w.pipes_leased.get()) as f64);
+        let snapshot = self.snapshots.load();
+        self.gauge("sluice_snapshot_generation", vec![])
+            .set(snapshot.generation as f64);
         self.counter("sluice_bytes_spliced_total", vec![])
             .absolute(total(&|w| w.bytes_spliced.get()));
         self.counter("sluice_pipes_shrunk_total", vec![])
@@ -137,6 +156,13 @@ impl MetricsView {
             };
             self.counter("sluice_connections_accepted_total", listener())
                 .absolute(sum(&|l| l.accepted.get()));
+            if let Some(balance) = snapshot.listeners.get(li) {
+                let mut labels = listener();
+                labels.push(Label::new("algorithm", balance.algorithm.name()));
+                let fingerprint = format!("{:016x}", balance.fingerprint());
+                labels.push(Label::new("fingerprint", fingerprint));
+                self.gauge("sluice_balance_info", labels).set(1.0);
+            }
             self.counter("sluice_connections_rejected_total", listener())
                 .absolute(sum(&|l| l.rejected.get()));
             self.gauge("sluice_connections_active", listener())

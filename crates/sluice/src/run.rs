@@ -105,7 +105,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         "starting"
     );
     let snapshots = Arc::new(SnapshotCell::new(plan::snapshot(&resolved)));
-    let plane = match sluice_dataplane::start(plane_config, snapshots) {
+    let plane = match sluice_dataplane::start(plane_config, Arc::clone(&snapshots)) {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
             tracing::error!("{e}");
@@ -145,7 +145,8 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 .iter()
                 .map(|addrs| addrs.iter().map(ToString::to_string).collect())
                 .collect();
-            let view = crate::metrics_render::MetricsView::new(plane.clone(), names, backends);
+            let view =
+                crate::metrics_render::MetricsView::new(plane.clone(), snapshots, names, backends);
             if let Err(e) = crate::admin::serve(admin.bind, view).await {
                 eprintln!("sluice: admin endpoint {}: {e}", admin.bind);
                 plane.close_all();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sluice_balance::maglev::MaglevTable;
 use sluice_balance::{Backend, BackendId, ClientAddr, HashKey};
-use sluice_testkit::{EchoServer, Sluice};
+use sluice_testkit::{EchoServer, Sluice, free_addr, scrape_metrics};
 use socket2::{Domain, Socket, Type};
 
 use common::{Listener, TIMEOUT, binary, config};
@@ -83,6 +83,25 @@ fn split(proxy: SocketAddr, backends: usize, connections: usize) -> Vec<usize> {
     counts
 }
 
+/// Starts Sluice with an admin endpoint; returns it, the listener's and the admin's address.
+fn start_with_admin(workers: usize, listener: Listener) -> (Sluice, SocketAddr, SocketAddr) {
+    let (bind, admin) = (listener.bind, free_addr());
+    let yaml = config(workers, Some(admin), &[], &[listener]);
+    (Sluice::start(binary(), &yaml), bind, admin)
+}
+
+/// The `fingerprint` label of `sluice_balance_info` for `listener` on the admin at `admin`.
+fn exported_fingerprint(admin: SocketAddr, listener: &str) -> String {
+    let metrics = scrape_metrics(admin).expect("scrape /metrics");
+    let wanted = format!("listener=\"{listener}\"");
+    let key = metrics
+        .keys()
+        .find(|k| k.starts_with("sluice_balance_info{") && k.contains(&wanted))
+        .unwrap_or_else(|| panic!("no sluice_balance_info for {listener}"));
+    let start = key.find("fingerprint=\"").expect("a fingerprint label") + "fingerprint=\"".len();
+    key[start..start + 16].to_owned()
+}
+
 fn start(workers: usize, listener: Listener) -> (Sluice, SocketAddr) {
     let bind = listener.bind;
     (
@@ -118,8 +137,8 @@ fn maglev_sends_each_client_to_the_same_backend_on_every_instance(workers: usize
     let first = Listener::new("maglev", &addrs).algorithm("maglev");
     let reordered: Vec<SocketAddr> = [2, 0, 3, 1].iter().map(|&i| addrs[i]).collect();
     let second = Listener::new("maglev", &reordered).algorithm("maglev");
-    let (sluice_a, proxy_a) = start(workers, first);
-    let (sluice_b, proxy_b) = start(workers, second);
+    let (sluice_a, proxy_a, admin_a) = start_with_admin(workers, first);
+    let (sluice_b, proxy_b, admin_b) = start_with_admin(workers, second);
     let clients = client_ips(40);
     let on_a = affinity(proxy_a, &clients, 3);
     let on_b = affinity(proxy_b, &clients, 1);
@@ -141,6 +160,10 @@ fn maglev_sends_each_client_to_the_same_backend_on_every_instance(workers: usize
     }
     let used: std::collections::HashSet<usize> = on_a.values().copied().collect();
     assert!(used.len() >= 3, "40 clients reached only backends {used:?}");
+    // Both export the fingerprint of that same table.
+    let expected = format!("{:016x}", table.fingerprint());
+    assert_eq!(exported_fingerprint(admin_a, "maglev"), expected);
+    assert_eq!(exported_fingerprint(admin_b, "maglev"), expected);
     drop((sluice_a, sluice_b));
 }
 

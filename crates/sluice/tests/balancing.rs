@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sluice_balance::maglev::MaglevTable;
 use sluice_balance::{Backend, BackendId, ClientAddr, HashKey};
-use sluice_testkit::{EchoServer, Sluice, free_addr, scrape_metrics};
+use sluice_testkit::{EchoServer, Sluice, free_addr, refusing_addr, scrape_metrics};
 use socket2::{Domain, Socket, Type};
 
 use common::{Listener, TIMEOUT, binary, config};
@@ -261,7 +261,40 @@ fn power_of_two_prefers_fewer_open_connections(workers: usize) {
     fewer_open_connections_win(workers, "power_of_two");
 }
 
+/// A client whose Maglev backend refuses connections is retried on the table's next choice for
+/// it, the same one every time, and every client is served.
+fn maglev_retries_a_refused_backend_on_a_stable_next_choice(workers: usize) {
+    let servers = greeting_backends(3);
+    let mut addrs: Vec<SocketAddr> = servers.iter().map(EchoServer::addr).collect();
+    addrs.push(refusing_addr());
+    let (_sluice, proxy) = start(workers, Listener::new("retry", &addrs).algorithm("maglev"));
+    let clients = client_ips(40);
+    let seen = affinity(proxy, &clients, 2);
+    // Which clients the table sends to the refusing backend first: they were served anyway.
+    let backends: Vec<Backend> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
+        .collect();
+    let table = MaglevTable::build(&backends, 65537);
+    let key = |ip: Ipv4Addr| HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))));
+    let retried: Vec<Ipv4Addr> = clients
+        .iter()
+        .copied()
+        .filter(|&ip| table.lookup(key(ip)) == Some(BackendId(3)))
+        .collect();
+    assert!(
+        !retried.is_empty(),
+        "no client maps to the refusing backend"
+    );
+    for ip in &clients {
+        let expected = table.pick(key(*ip), &[BackendId(3)]).unwrap();
+        assert_eq!(seen[ip], expected.index(), "client {ip}");
+    }
+}
+
 with_workers_1_and_2!(
+    maglev_retries_a_refused_backend_on_a_stable_next_choice,
     maglev_sends_each_client_to_the_same_backend_on_every_instance,
     ring_hash_sticks_by_ip_and_spreads_by_port,
     round_robin_1_to_3_splits_400_connections,

@@ -66,7 +66,7 @@ impl LeastConnections {
 mod tests {
     use super::*;
 
-    use crate::{BackendState, test_backends as backends};
+    use crate::{Algorithm, BackendState, ListenerBackends, test_backends as backends};
 
     #[test]
     fn fewer_active_connections_win_and_counts_follow_guards() {
@@ -108,6 +108,7 @@ mod tests {
     fn ties_rotate_and_ineligible_or_excluded_backends_are_skipped() {
         let mut b = backends(&[1, 1, 0, 1]);
         b[3].state = BackendState::Down;
+        let b = ListenerBackends::new(Algorithm::LeastConnections, b).backends;
         let mut lc = LeastConnections::new(0);
         let picks: Vec<u32> = (0..4).map(|_| lc.pick(&b, &[]).unwrap().0).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);

@@ -35,7 +35,7 @@ pub mod round_robin;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -80,14 +80,20 @@ impl BackendState {
     }
 }
 
-/// A backend's count of active connections, shared by every worker (one atomic, on its own
-/// cache line so that two backends' counts never share one). It outlives snapshots: the control
-/// plane hands the same `Arc` to every snapshot that keeps the backend, so connections opened
-/// under one generation and closed under another are counted once.
+/// What every worker shares about one backend: its count of active connections, and two flags
+/// the data plane and the control plane pass each other. The struct fills a cache line of its own
+/// (so two backends never share one); each field is written at most once per connection open or
+/// close, never per byte. It outlives snapshots: the control plane hands the same `Arc` to
+/// every snapshot that keeps the backend, so connections opened under one generation and closed
+/// under another are counted once, and the `Arc` is the backend's identity in worker reports.
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct BackendLoad {
     active: AtomicU32,
+    /// A worker reported a failure that no success has followed yet (see [`Self::mark_failing`]).
+    failing: AtomicBool,
+    /// The backend's drain time is over: workers close its remaining connections.
+    drained: AtomicBool,
 }
 
 impl BackendLoad {
@@ -95,12 +101,44 @@ impl BackendLoad {
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// Records a failure. Workers report every failure, but a success only when it ends a run of
+    /// failures ([`Self::clear_failing`]), so that healthy traffic costs the control plane nothing.
+    pub fn mark_failing(&self) {
+        self.failing.store(true, Ordering::Relaxed);
+    }
+
+    /// Records a success; true when it ends a run of failures (and should be reported).
+    pub fn clear_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed)
+    }
+
+    /// Tells the workers to close this backend's remaining connections (end of `drain_timeout`).
+    pub fn set_drained(&self) {
+        self.drained.store(true, Ordering::Release);
+    }
+
+    /// Takes the flag back: the backend was configured again before, or after, its drain.
+    pub fn clear_drained(&self) {
+        self.drained.store(false, Ordering::Release);
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire)
+    }
 }
 
 /// One connection counted in a backend's [`BackendLoad`]: made by [`Backend::open`], uncounted
 /// when dropped, so each connection is counted exactly once whatever path closes it.
 #[derive(Debug)]
 pub struct ActiveGuard(Arc<BackendLoad>);
+
+impl ActiveGuard {
+    /// The backend's shared cell.
+    pub fn load(&self) -> &Arc<BackendLoad> {
+        &self.0
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -116,7 +154,12 @@ pub struct Backend {
     /// 0..=1000; 0 takes no new connections.
     pub weight: u16,
     pub state: BackendState,
+    /// Takes connections only while no non-backup backend of its listener can.
+    pub backup: bool,
     pub load: Arc<BackendLoad>,
+    /// Whether the listener's algorithm may choose it now: set by [`ListenerBackends::new`] from
+    /// the weights, states and backup flags of the whole listener (see [`OnAllDown`]).
+    selectable: bool,
 }
 
 impl Backend {
@@ -127,13 +170,18 @@ impl Backend {
             addr,
             weight,
             state: BackendState::Up,
+            backup: false,
             load: Arc::default(),
+            selectable: true,
         }
     }
 
-    /// Whether the backend may take a new connection at all: up and with a weight.
+    /// Whether the algorithm may choose this backend for a new connection: decided for the whole
+    /// listener when its [`ListenerBackends`] is built (up, with a weight, and a backup only while
+    /// no other backend qualifies; every weighted backend under `on_all_down: use_all` when none
+    /// is up).
     pub fn eligible(&self) -> bool {
-        self.weight > 0 && self.state == BackendState::Up
+        self.selectable && self.weight > 0
     }
 
     /// Counts one more active connection until the guard is dropped.
@@ -145,6 +193,43 @@ impl Backend {
     /// The active connections now counted on this backend by every worker.
     pub fn active(&self) -> u32 {
         self.load.active()
+    }
+}
+
+/// What a listener does when none of its backends is up (backups included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnAllDown {
+    /// New connections are reset at once (and counted); nothing waits for a backend.
+    #[default]
+    Reject,
+    /// Envoy's panic mode: balance over every backend with a weight, as if all were up, on the
+    /// grounds that health checks are more likely wrong than every backend at once.
+    UseAll,
+}
+
+impl OnAllDown {
+    pub fn label(self) -> &'static str {
+        match self {
+            OnAllDown::Reject => "reject",
+            OnAllDown::UseAll => "use_all",
+        }
+    }
+}
+
+/// Marks which backends the algorithm may choose: the up, weighted non-backup ones; failing
+/// that the up, weighted backups; failing that, under `use_all`, every weighted backend.
+fn select(backends: &mut [Backend], on_all_down: OnAllDown) {
+    let up = |b: &Backend| b.weight > 0 && b.state == BackendState::Up;
+    let primaries = backends.iter().any(|b| up(b) && !b.backup);
+    let backups = backends.iter().any(|b| up(b) && b.backup);
+    for b in backends.iter_mut() {
+        b.selectable = if primaries {
+            up(b) && !b.backup
+        } else if backups {
+            up(b) && b.backup
+        } else {
+            on_all_down == OnAllDown::UseAll && b.weight > 0
+        };
     }
 }
 
@@ -233,6 +318,7 @@ pub enum Table {
 #[derive(Debug, Clone)]
 pub struct ListenerBackends {
     pub algorithm: Algorithm,
+    pub on_all_down: OnAllDown,
     pub backends: Vec<Backend>,
     pub table: Table,
     fingerprint: u64,
@@ -243,7 +329,17 @@ impl ListenerBackends {
     /// `maglev` this is the expensive step (milliseconds for a 65537-slot table): the control
     /// plane does it, never a worker.
     pub fn new(algorithm: Algorithm, backends: Vec<Backend>) -> Self {
+        Self::with_fallback(algorithm, OnAllDown::Reject, backends)
+    }
+
+    /// [`new`](Self::new) with the listener's choice for when every backend is down.
+    pub fn with_fallback(
+        algorithm: Algorithm,
+        on_all_down: OnAllDown,
+        mut backends: Vec<Backend>,
+    ) -> Self {
         debug_assert!(backends.iter().enumerate().all(|(i, b)| b.id.index() == i));
+        select(&mut backends, on_all_down);
         let eligible: Vec<Backend> = backends.iter().filter(|b| b.eligible()).cloned().collect();
         let table = match algorithm {
             Algorithm::RoundRobin | Algorithm::LeastConnections => Table::None,
@@ -265,6 +361,7 @@ impl ListenerBackends {
         };
         ListenerBackends {
             algorithm,
+            on_all_down,
             backends,
             table,
             fingerprint,

@@ -140,7 +140,7 @@ impl Random {
 mod tests {
     use super::*;
 
-    use crate::{BackendState, test_backends as backends};
+    use crate::{Algorithm, BackendState, ListenerBackends, test_backends as backends};
 
     #[test]
     fn draws_follow_the_weights() {
@@ -164,6 +164,7 @@ mod tests {
     fn excluded_and_down_backends_are_never_drawn() {
         let mut b = backends(&[1, 1, 1, 1]);
         b[1].state = BackendState::Down;
+        let b = ListenerBackends::new(Algorithm::Random, b).backends;
         let table = WeightTable::new(&b);
         let mut random = Random::new(Rng::new(1));
         let exclude = [BackendId(0)];

@@ -172,12 +172,12 @@ fn maglev_table_size_follows_the_configured_backends_not_the_eligible_ones() {
 fn snapshot_of(generation: u64, loads: &[Arc<BackendLoad>]) -> Snapshot {
     let count = 1 + (generation % 5) as usize;
     let backends: Vec<Backend> = (0..count)
-        .map(|i| Backend {
-            id: BackendId(i as u32),
-            addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + (generation % 50_000) as u16)),
-            weight: 1 + (generation % 7) as u16,
-            state: BackendState::Up,
-            load: Arc::clone(&loads[i]),
+        .map(|i| {
+            let port = 10_000 + (generation % 50_000) as u16;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut b = Backend::new(BackendId(i as u32), addr, 1 + (generation % 7) as u16);
+            b.load = Arc::clone(&loads[i]);
+            b
         })
         .collect();
     let algorithm = match generation % 6 {
@@ -276,4 +276,63 @@ fn a_thousand_publications_under_concurrent_picking_tear_nothing_and_free_every_
     );
     // Every guard was dropped with its worker: the shared counts are back to zero.
     assert!(loads.iter().all(|l| l.active() == 0), "{loads:?}");
+}
+
+#[test]
+fn backups_serve_only_while_no_other_backend_is_up() {
+    let mut backends = test_backends(&[1, 1, 1]);
+    backends[2].backup = true;
+    for algorithm in ALL {
+        let l = ListenerBackends::new(algorithm, backends.clone());
+        let mut p = Picker::new(&l, 0, 3);
+        for i in 0..50 {
+            assert_ne!(
+                p.pick(&l, client(i, 1), &[]),
+                Some(BackendId(2)),
+                "{algorithm:?}"
+            );
+        }
+        let mut down = backends.clone();
+        down[0].state = BackendState::Down;
+        down[1].weight = 0;
+        let l = ListenerBackends::new(algorithm, down);
+        let mut p = Picker::new(&l, 0, 3);
+        for i in 0..50 {
+            assert_eq!(
+                p.pick(&l, client(i, 1), &[]),
+                Some(BackendId(2)),
+                "{algorithm:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_backend_down_rejects_or_uses_all_weighted_ones() {
+    let mut backends = test_backends(&[1, 2, 0]);
+    for b in &mut backends {
+        b.state = BackendState::Down;
+    }
+    for algorithm in ALL {
+        let reject =
+            ListenerBackends::with_fallback(algorithm, OnAllDown::Reject, backends.clone());
+        assert_eq!(
+            Picker::new(&reject, 0, 1).pick(&reject, client(1, 1), &[]),
+            None
+        );
+        let all = ListenerBackends::with_fallback(algorithm, OnAllDown::UseAll, backends.clone());
+        let mut p = Picker::new(&all, 0, 1);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..100 {
+            seen.insert(
+                p.pick(&all, client(i, i.into()), &[])
+                    .expect("use_all picks"),
+            );
+        }
+        assert!(
+            !seen.contains(&BackendId(2)),
+            "{algorithm:?} chose weight 0"
+        );
+        assert!(seen.contains(&BackendId(0)) || seen.contains(&BackendId(1)));
+    }
 }

@@ -88,6 +88,16 @@ pub struct Listener {
     pub on_max_connections: OnMaxConnections,
     /// Extra connect attempts, each on a backend not yet tried (default 2).
     pub retries: u32,
+    /// The active check, if any; without one every backend is up unless passively ejected.
+    pub health: Option<ActiveCheck>,
+    /// Passive ejection (on by default; `consecutive_failures: 0` turns it off).
+    pub passive: Passive,
+    /// What new connections meet when no backend is up (default `reject`).
+    pub on_all_down: OnAllDown,
+    /// How long a backend that comes back ramps up to its weight (zero: off, the default).
+    pub slow_start: Duration,
+    /// How long a removed or weight-0 backend's connections may go on (default 30 s).
+    pub drain_timeout: Duration,
     /// Where the listener's entry starts in the file.
     pub location: Location,
 }
@@ -103,7 +113,9 @@ pub enum Protocol {
 /// Load-balancing algorithm with its parameters (`hash_key`, `maglev.table_size`,
 /// `ring_hash.points_per_weight`): the balancing crate's own type, so that what the file says is
 /// what the workers run.
-pub use sluice_balance::{Algorithm, HashKey};
+pub use sluice_balance::{Algorithm, HashKey, OnAllDown};
+/// Health checks and passive ejection, as the health crate names them.
+pub use sluice_health::{ActiveCheck, Check, Expect, Passive, PostgresRole, RedisRole};
 
 /// One backend of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +124,8 @@ pub struct BackendSpec {
     pub address: BackendAddress,
     /// Share of new connections, 0 to 1000 (default 1); 0 takes no new connections.
     pub weight: u16,
+    /// Takes connections only while no non-backup backend of the listener is up.
+    pub backup: bool,
     /// Where the backend's entry starts in the file.
     pub location: Location,
 }

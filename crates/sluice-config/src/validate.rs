@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use sluice_balance::maglev;
 
+mod health;
+
 use crate::tree::{Node, Value};
 use crate::{
     Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, HashKey,
@@ -62,13 +64,13 @@ const LISTENER: Schema = Schema {
         "hash_key",
         "maglev",
         "ring_hash",
-    ],
-    unsupported: &[
         "health",
         "passive",
         "on_all_down",
         "slow_start",
         "drain_timeout",
+    ],
+    unsupported: &[
         "max_sessions",
         "on_max_sessions",
         "responses",
@@ -78,8 +80,8 @@ const LISTENER: Schema = Schema {
 };
 
 const BACKEND: Schema = Schema {
-    supported: &["address", "weight"],
-    unsupported: &["backup"],
+    supported: &["address", "weight", "backup"],
+    unsupported: &[],
 };
 
 const TIMEOUTS: Schema = Schema {
@@ -319,10 +321,16 @@ impl Walker<'_> {
             max_connections: 0,
             on_max_connections: OnMaxConnections::Queue,
             retries: RETRIES_DEFAULT,
+            health: None,
+            passive: sluice_health::Passive::default(),
+            on_all_down: sluice_balance::OnAllDown::Reject,
+            slow_start: Duration::ZERO,
+            drain_timeout: health::DRAIN_TIMEOUT_DEFAULT,
             location: node.location,
         };
         let seen = self.listener_identity(&fields, path, &mut listener);
         self.listener_forwarding(&fields, path, &mut listener);
+        self.listener_health(&fields, path, &mut listener);
         Some((listener, seen))
     }
 
@@ -585,20 +593,24 @@ impl Walker<'_> {
     }
 
     fn backend(&mut self, node: &Node, path: &str) -> Option<BackendSpec> {
-        let (address_node, address_field, weight) = match &node.value {
-            Value::Str(_) => (node, path.to_owned(), WEIGHT_DEFAULT),
+        let (address_node, address_field, weight, backup) = match &node.value {
+            Value::Str(_) => (node, path.to_owned(), WEIGHT_DEFAULT, false),
             Value::Map(_) => {
                 let fields = self.mapping(node, path, &BACKEND)?;
                 let weight = match fields.get("weight") {
                     Some(weight) => self.weight(weight, &format!("{path}.weight")),
                     None => Some(WEIGHT_DEFAULT),
                 };
+                let backup = match fields.get("backup") {
+                    Some(node) => self.boolean(node, &format!("{path}.backup")),
+                    None => Some(false),
+                };
                 let field = format!("{path}.address");
                 let Some(address) = fields.get("address") else {
                     self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
                     return None;
                 };
-                (address, field, weight?)
+                (address, field, weight?, backup?)
             }
             _ => {
                 return self.expected(
@@ -613,12 +625,20 @@ impl Walker<'_> {
             Ok(address) => Some(BackendSpec {
                 address,
                 weight,
+                backup,
                 location: node.location,
             }),
             Err(message) => {
                 self.error(address_node.location, address_field, message);
                 None
             }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, field: &str) -> Option<bool> {
+        match node.value {
+            Value::Bool(value) => Some(value),
+            _ => self.expected(node, field, "true or false"),
         }
     }
 

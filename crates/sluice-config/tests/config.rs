@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_config::{
-    Admin, Algorithm, BackendAddress, BackendSpec, Config, ConfigError, ConfigErrors, HashKey,
-    Listener, Location, OnMaxConnections, Protocol, Timeouts, Workers, load, parse,
+    ActiveCheck, Admin, Algorithm, BackendAddress, BackendSpec, Check, Config, ConfigError,
+    ConfigErrors, Expect, HashKey, Listener, Location, OnAllDown, OnMaxConnections, Passive,
+    PostgresRole, Protocol, RedisRole, Timeouts, Workers, load, parse,
 };
 
 const FILE: &str = "sluice.yaml";
@@ -72,12 +73,6 @@ fn design_example_fails_only_on_what_is_not_yet_supported() {
             "listeners[0].ring_hash",
             "ring_hash settings apply only to algorithm ring_hash, not round_robin",
         ),
-        (16, 37, "listeners[0].backends[2].backup", ""),
-        (24, 5, "listeners[0].health", ""),
-        (35, 5, "listeners[0].passive", ""),
-        (36, 5, "listeners[0].on_all_down", ""),
-        (37, 5, "listeners[0].slow_start", ""),
-        (38, 5, "listeners[0].drain_timeout", ""),
         (40, 5, "listeners[0].max_sessions", ""),
         (41, 5, "listeners[0].on_max_sessions", ""),
         (42, 5, "listeners[0].responses", ""),
@@ -128,16 +123,6 @@ fn design_example_with_maglev_loads_its_hashing_settings() {
 /// The design example without the keys of capabilities not built yet, nor the keys in `also`.
 fn example_without(text: &str, also: &[&str]) -> String {
     let unsupported = [
-        "health",
-        "check",
-        "interval",
-        "timeout",
-        "rise",
-        "fall",
-        "passive",
-        "on_all_down",
-        "slow_start",
-        "drain_timeout",
         "max_sessions",
         "on_max_sessions",
         "responses",
@@ -147,11 +132,10 @@ fn example_without(text: &str, also: &[&str]) -> String {
     text.lines()
         .filter(|line| {
             let line = line.trim_start();
-            !line.contains("backup:")
-                && !unsupported
-                    .iter()
-                    .chain(also)
-                    .any(|key| line.starts_with(&format!("{key}:")))
+            !unsupported
+                .iter()
+                .chain(also)
+                .any(|key| line.starts_with(&format!("{key}:")))
         })
         .map(|line| format!("{line}\n"))
         .collect()
@@ -176,17 +160,111 @@ fn design_example_without_unsupported_keys_loads_with_its_values() {
     assert_eq!(redis.name, "redis");
     assert_eq!(redis.bind, addr("0.0.0.0:6379"));
     assert_eq!(redis.location, Location { line: 6, column: 5 });
-    let weights: Vec<(BackendAddress, u16)> = redis
+    let weights: Vec<(BackendAddress, u16, bool)> = redis
         .backends
         .iter()
-        .map(|b| (b.address.clone(), b.weight))
+        .map(|b| (b.address.clone(), b.weight, b.backup))
         .collect();
     assert_eq!(
         weights,
         [
-            (BackendAddress::Ip(addr("10.0.0.1:6379")), 1),
-            (BackendAddress::Ip(addr("10.0.0.2:6379")), 2),
+            (BackendAddress::Ip(addr("10.0.0.1:6379")), 1, false),
+            (BackendAddress::Ip(addr("10.0.0.2:6379")), 2, false),
+            (BackendAddress::Ip(addr("10.0.0.3:6379")), 1, true),
         ]
+    );
+    assert_eq!(
+        redis.health,
+        Some(ActiveCheck {
+            check: Check::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        })
+    );
+    assert_eq!(redis.passive, Passive::default());
+    assert_eq!(redis.on_all_down, OnAllDown::Reject);
+    assert_eq!(redis.slow_start, Duration::ZERO);
+    assert_eq!(redis.drain_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn every_check_reads_its_own_keys() {
+    let listener = |health: &str| {
+        format!(
+            "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends: [\"10.0.0.1:1\"]\n    health: {health}\n"
+        )
+    };
+    let check = |health: &str| {
+        let yaml = listener(health);
+        let config = check(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        config.listeners[0].health.clone().unwrap()
+    };
+    let c = check(
+        "{ check: send_expect, send: \"PING\\r\\n\", expect: \"+PONG\", interval: 250ms, timeout: 2s, rise: 1, fall: 1 }",
+    );
+    assert_eq!(
+        c,
+        ActiveCheck {
+            check: Check::SendExpect {
+                send: b"PING\r\n".to_vec(),
+                expect: Expect::Prefix(b"+PONG".to_vec())
+            },
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 1,
+        }
+    );
+    let c = check(
+        "{ check: send_expect, send_hex: \"2a 31 0d 0a\", expect_regex: \"^\\\\+(PONG|OK)\" }",
+    );
+    assert_eq!(
+        c.check,
+        Check::SendExpect {
+            send: b"*1\r\n".to_vec(),
+            expect: Expect::Regex("^\\+(PONG|OK)".into())
+        }
+    );
+    let c =
+        check("{ check: http, path: /readyz, host: example.com, status: \"200-299\", port: 8080 }");
+    assert_eq!(
+        c.check,
+        Check::Http {
+            path: "/readyz".into(),
+            host: "example.com".into(),
+            status: 200..=299,
+            port: Some(8080)
+        }
+    );
+    let c = check("{ check: http }");
+    assert_eq!(
+        c.check,
+        Check::Http {
+            path: "/".into(),
+            host: "localhost".into(),
+            status: 200..=399,
+            port: None
+        }
+    );
+    let c = check("{ check: redis, role: replica, password_file: /etc/sluice/redis.pass }");
+    assert_eq!(
+        c.check,
+        Check::Redis {
+            role: Some(RedisRole::Replica),
+            password_file: Some("/etc/sluice/redis.pass".into())
+        }
+    );
+    let c = check("{ check: postgres, role: primary, user: sluice }");
+    assert_eq!(
+        c.check,
+        Check::Postgres {
+            role: Some(PostgresRole::Primary),
+            user: "sluice".into(),
+            database: "postgres".into(),
+            password_file: None
+        }
     );
 }
 
@@ -211,6 +289,7 @@ listeners:
             backends: vec![BackendSpec {
                 address: BackendAddress::Ip(addr("10.0.0.1:6379")),
                 weight: 1,
+                backup: false,
                 location: Location {
                     line: 4,
                     column: 16,
@@ -224,6 +303,15 @@ listeners:
             max_connections: 0,
             on_max_connections: OnMaxConnections::Queue,
             retries: 2,
+            health: None,
+            passive: Passive {
+                consecutive_failures: 5,
+                ejection_time: Duration::from_secs(10),
+                max_ejection_percent: 50,
+            },
+            on_all_down: OnAllDown::Reject,
+            slow_start: Duration::ZERO,
+            drain_timeout: Duration::from_secs(30),
             location: Location { line: 2, column: 5 },
         }],
     };
@@ -390,6 +478,33 @@ fn bad_configs_report_position_field_and_expectation() {
          &[(6, 27, "listeners[0].maglev.table_size", "must be between 2 and 5000011, found 16777259")]),
         ("maglev unknown setting", format!("{GOOD}    algorithm: maglev\n    maglev: {{ size: 65537 }}\n"),
          &[(6, 15, "listeners[0].maglev.size", "unknown field \"size\", expected one of: table_size")]),
+        ("health key of another check", format!("{GOOD}    health: {{ check: tcp, role: master }}\n"),
+         &[(5, 33, "listeners[0].health.role", "role applies only to check redis or postgres, not tcp")]),
+        ("unknown check", format!("{GOOD}    health: {{ check: icmp }}\n"),
+         &[(5, 22, "listeners[0].health.check", "unknown value \"icmp\", expected one of: tcp, send_expect, http, redis, postgres")]),
+        ("send_expect without expect", format!("{GOOD}    health: {{ check: send_expect, send: hi }}\n"),
+         &[(5, 13, "listeners[0].health.expect", "missing required field; expected expect (a reply prefix) or expect_regex")]),
+        ("send and send_hex", format!("{GOOD}    health: {{ check: send_expect, send: hi, send_hex: \"00\", expect: x }}\n"),
+         &[(5, 55, "listeners[0].health.send_hex", "give send or send_hex, not both")]),
+        ("bad hex", format!("{GOOD}    health: {{ check: send_expect, send_hex: \"0g\", expect: x }}\n"),
+         &[(5, 45, "listeners[0].health.send_hex", "invalid hex \"0g\"")]),
+        ("bad regex", format!("{GOOD}    health: {{ check: send_expect, send: a, expect_regex: \"(unclosed\" }}\n"),
+         &[(5, 58, "listeners[0].health.expect_regex", "invalid regex: unclosed group")]),
+        ("http status out of range", format!("{GOOD}    health: {{ check: http, status: \"200-700\" }}\n"),
+         &[(5, 36, "listeners[0].health.status", "within 100-599")]),
+        ("redis role of postgres", format!("{GOOD}    health: {{ check: redis, role: primary }}\n"),
+         &[(5, 35, "listeners[0].health.role", "unknown value \"primary\", expected one of: master, replica")]),
+        ("interval too short and rise 0", format!("{GOOD}    health: {{ interval: 1ms, rise: 0 }}\n"),
+         &[(5, 25, "listeners[0].health.interval", "must be at least 10ms"),
+           (5, 36, "listeners[0].health.rise", "must be between 1 and 1000, found 0")]),
+        ("passive ejection_time 0", format!("{GOOD}    passive: {{ ejection_time: 0 }}\n"),
+         &[(5, 31, "listeners[0].passive.ejection_time", "must be greater than 0")]),
+        ("max_ejection_percent over 100", format!("{GOOD}    passive: {{ max_ejection_percent: 101 }}\n"),
+         &[(5, 38, "listeners[0].passive.max_ejection_percent", "must be between 0 and 100, found 101")]),
+        ("on_all_down unknown", format!("{GOOD}    on_all_down: queue\n"),
+         &[(5, 18, "listeners[0].on_all_down", "unknown value \"queue\", expected one of: reject, use_all")]),
+        ("backup not a bool", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends:\n      - { address: \"10.0.0.1:1\", backup: yes please }\n".into(),
+         &[(5, 42, "listeners[0].backends[0].backup", "expected true or false, found a string")]),
         ("ring points per weight 0", format!("{GOOD}    algorithm: ring_hash\n    ring_hash: {{ points_per_weight: 0 }}\n"),
          &[(6, 37, "listeners[0].ring_hash.points_per_weight", "must be between 1 and 10000, found 0")]),
         ("ring too large for its weights",

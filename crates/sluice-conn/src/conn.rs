@@ -128,18 +128,26 @@ pub enum CloseKind {
     IdleTimeout,
     HalfCloseTimeout,
     ConnectFailed,
+    /// No backend could take the connection (every one down, drained or weight 0): reset at
+    /// once, without a connect attempt.
+    NoBackend,
+    /// Closed by the end of its backend's `drain_timeout` (the backend was removed or set to
+    /// weight 0).
+    Drained,
     /// Closed by the end of `shutdown_timeout`.
     Shutdown,
 }
 
 impl CloseKind {
-    pub const ALL: [CloseKind; 7] = [
+    pub const ALL: [CloseKind; 9] = [
         CloseKind::Done,
         CloseKind::ClientReset,
         CloseKind::BackendReset,
         CloseKind::IdleTimeout,
         CloseKind::HalfCloseTimeout,
         CloseKind::ConnectFailed,
+        CloseKind::NoBackend,
+        CloseKind::Drained,
         CloseKind::Shutdown,
     ];
 
@@ -152,6 +160,8 @@ impl CloseKind {
             CloseKind::IdleTimeout => "idle_timeout",
             CloseKind::HalfCloseTimeout => "half_close_timeout",
             CloseKind::ConnectFailed => "connect_failed",
+            CloseKind::NoBackend => "no_backend",
+            CloseKind::Drained => "drained",
             CloseKind::Shutdown => "shutdown",
         }
     }
@@ -350,7 +360,9 @@ impl<B: Copy> Conn<B> {
         let State::Connecting { attempt, .. } = self.state else {
             return;
         };
-        if error != ConnectError::NoBackend && attempt < self.limits.retries {
+        if error == ConnectError::NoBackend && attempt == 0 {
+            self.close(CloseKind::NoBackend, true, false);
+        } else if error != ConnectError::NoBackend && attempt < self.limits.retries {
             self.start_attempt(attempt + 1, now);
         } else {
             self.close(CloseKind::ConnectFailed, true, false);
@@ -522,6 +534,14 @@ impl<B: Copy> Conn<B> {
     pub fn handle_shutdown(&mut self) {
         if self.state != State::Closed {
             self.close(CloseKind::Shutdown, false, false);
+        }
+    }
+
+    /// The backend's drain time is over: close both sides (FIN, or a reset where the kernel
+    /// still holds unread bytes), as at the end of `shutdown_timeout`.
+    pub fn handle_drained(&mut self) {
+        if self.state != State::Closed {
+            self.close(CloseKind::Drained, false, false);
         }
     }
 
@@ -770,7 +790,8 @@ mod tests {
         assert!(matches!(
             drain(&mut c)[..],
             [A::Close(CloseReason {
-                kind: CloseKind::ConnectFailed,
+                kind: CloseKind::NoBackend,
+                reset_client: true,
                 ..
             })]
         ));

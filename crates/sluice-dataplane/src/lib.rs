@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use sluice_balance::SnapshotCell;
+use sluice_balance::{BackendLoad, SnapshotCell};
 
 pub use counters::{BackendCounters, Counter, ListenerCounters, WorkerCounters};
 pub use sluice_conn::{CloseKind, Limits};
@@ -54,10 +54,32 @@ pub struct ListenerPlan {
     /// honoured as written, even past the budget (accept then meets EMFILE and backs off).
     pub within_fd_budget: bool,
     pub on_max_connections: OnMaxConnections,
+    /// How many distinct backends this listener may ever have (its per-worker counters are
+    /// allocated for them at start; a reload may add backends up to it).
+    pub backends_max: usize,
+}
+
+/// What a worker saw of a backend, for passive health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// A connect attempt failed (refused, timed out, unreachable).
+    ConnectFailed,
+    /// An established connection was reset by the backend.
+    Reset,
+    /// A connect succeeded after failures: the run of failures is over.
+    Recovered,
+}
+
+/// Where workers report [`BackendEvent`]s: the control plane's passive health. Called on a
+/// worker thread, only on failures and on the first success after one, so it must not block
+/// (a channel send is right).
+pub trait BackendEvents: Send + Sync {
+    /// `backend` is the backend's shared cell: its identity across snapshots.
+    fn report(&self, listener: usize, backend: &Arc<BackendLoad>, event: BackendEvent);
 }
 
 /// Everything [`start`] needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PlaneConfig {
     pub workers: usize,
     pub listeners: Vec<ListenerPlan>,
@@ -67,6 +89,21 @@ pub struct PlaneConfig {
     pub pin_workers: bool,
     /// Pipes each worker may lease for splice forwarding (0 = always copy).
     pub pipes_per_worker: usize,
+    /// Passive health reports; `None` reports nothing.
+    pub events: Option<Arc<dyn BackendEvents>>,
+}
+
+impl std::fmt::Debug for PlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaneConfig")
+            .field("workers", &self.workers)
+            .field("listeners", &self.listeners)
+            .field("connections_max_total", &self.connections_max_total)
+            .field("pin_workers", &self.pin_workers)
+            .field("pipes_per_worker", &self.pipes_per_worker)
+            .field("events", &self.events.is_some())
+            .finish()
+    }
 }
 
 /// Why the data plane could not start.
@@ -162,7 +199,8 @@ pub fn start(config: PlaneConfig, snapshots: Arc<SnapshotCell>) -> Result<DataPl
     let backends_per_listener: Vec<usize> = snapshot
         .listeners
         .iter()
-        .map(|l| l.backends.len())
+        .zip(&config.listeners)
+        .map(|(l, plan)| l.backends.len().max(plan.backends_max))
         .collect();
     let shared = Arc::new(Shared {
         phase: AtomicU8::new(RUNNING),

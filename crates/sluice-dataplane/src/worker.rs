@@ -12,13 +12,17 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use sluice_balance::{ActiveGuard, BackendId, ClientAddr, Picker, Snapshot};
-use sluice_conn::{Action, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side};
+use sluice_conn::{
+    Action, CloseKind, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side,
+};
 use sluice_uring::{Completion, Uring};
 use socket2::{SockRef, Socket};
 
 use crate::counters::WorkerCounters;
 use crate::pipes::{PipeId, PipePool, Spliced};
-use crate::{CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets};
+use crate::{
+    BackendEvent, CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets,
+};
 
 /// Connect addresses held from the start; the table grows as slots are added.
 const CONNECT_SLOTS_INITIAL: usize = 1024;
@@ -305,7 +309,7 @@ impl Worker {
             self.counters.pipes_shrunk.set(self.pipes.shrunk);
             self.fire_timers(now);
             self.feed_buffer_waiters(now);
-            self.adopt_snapshot();
+            self.adopt_snapshot(now);
             self.follow_phase(now);
             self.serve_queued(now);
             self.resume_accepts(now);
@@ -393,6 +397,11 @@ impl Worker {
                 counters.connections_active.add(1);
                 slot.backend_counted = true;
             }
+            if let Some(guard) = &slot.load
+                && guard.load().clear_failing()
+            {
+                report(&self.config, slot.listener, guard, BackendEvent::Recovered);
+            }
             // Connected through io_uring on a blocking socket (a non-blocking one would make
             // the connect report EINPROGRESS); from now on it is non-blocking like the
             // client's, for splice(2).
@@ -404,6 +413,15 @@ impl Worker {
         }
         if let Some(counters) = counters {
             counters.connect_failures.add(1);
+        }
+        if let Some(guard) = &slot.load {
+            guard.load().mark_failing();
+            report(
+                &self.config,
+                slot.listener,
+                guard,
+                BackendEvent::ConnectFailed,
+            );
         }
         let error = match -result {
             libc::ECONNREFUSED => ConnectError::Refused,
@@ -658,6 +676,12 @@ impl Worker {
                 slot.conn.handle_unacked(side, unacked, now);
             }
             Action::Close(reason) => {
+                if reason.kind == CloseKind::BackendReset
+                    && let Some(guard) = &slot.load
+                {
+                    guard.load().mark_failing();
+                    report(&self.config, slot.listener, guard, BackendEvent::Reset);
+                }
                 slot.load = None;
                 self.counters.listeners[slot.listener].closed[reason.kind.index()].add(1);
                 tracing::debug!(
@@ -1013,10 +1037,26 @@ impl Worker {
         }
     }
 
-    fn adopt_snapshot(&mut self) {
+    fn adopt_snapshot(&mut self, now: Instant) {
         if self.shared.snapshots.generation() != self.snapshot.generation {
             self.snapshot = self.shared.snapshots.load();
             self.pickers = make_pickers(&self.snapshot, self.index);
+            self.close_drained(now);
+        }
+    }
+
+    /// Closes the connections whose backend's drain time is over. The control plane flags the
+    /// backend, then publishes a snapshot (without it), so every worker passes here after the
+    /// flag is set.
+    fn close_drained(&mut self, now: Instant) {
+        for index in 0..self.slots.len() {
+            let Some(slot) = self.slots[index].as_mut() else {
+                continue;
+            };
+            if slot.load.as_ref().is_some_and(|g| g.load().is_drained()) {
+                slot.conn.handle_drained();
+                self.drive(index as u32, now);
+            }
         }
     }
 
@@ -1089,6 +1129,13 @@ fn side_socket(slot: &Slot, side: Side) -> Option<std::os::fd::BorrowedFd<'_>> {
     match side {
         Side::Client => Some(slot.client.as_fd()),
         Side::Backend => slot.backend.as_ref().map(AsFd::as_fd),
+    }
+}
+
+/// Hands `event` to the control plane, if it listens.
+fn report(config: &PlaneConfig, listener: usize, guard: &ActiveGuard, event: BackendEvent) {
+    if let Some(events) = &config.events {
+        events.report(listener, guard.load(), event);
     }
 }
 

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod health;
 mod inspect;
 mod metrics_render;
 mod plan;

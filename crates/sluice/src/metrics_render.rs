@@ -7,16 +7,27 @@ use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use sluice_balance::SnapshotCell;
 use sluice_dataplane::{CloseKind, DataPlane};
+use sluice_health::State;
+
+use crate::health::{BackendView, HealthView};
+
+/// Every state a backend can report, for the `sluice_backend_state` state set.
+const STATES: [State; 5] = [
+    State::Up,
+    State::Unknown,
+    State::Down,
+    State::Ejected,
+    State::Flapping,
+];
 
 /// What the admin endpoint renders: the data plane's counters, labelled.
 pub(crate) struct MetricsView {
     plane: Arc<DataPlane>,
     snapshots: Arc<SnapshotCell>,
+    health: HealthView,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     listeners: Vec<String>,
-    /// Per listener, each backend's label (its address).
-    backends: Vec<Vec<String>>,
 }
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
@@ -25,18 +36,18 @@ impl MetricsView {
     pub(crate) fn new(
         plane: Arc<DataPlane>,
         snapshots: Arc<SnapshotCell>,
+        health: HealthView,
         listeners: Vec<String>,
-        backends: Vec<Vec<String>>,
     ) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let view = MetricsView {
             plane,
             snapshots,
+            health,
             recorder,
             handle,
             listeners,
-            backends,
         };
         view.describe();
         view
@@ -115,6 +126,32 @@ impl MetricsView {
              equal fingerprints choose backends alike (see `sluice inspect`)."
                 .into(),
         );
+        d(
+            "sluice_backend_ejections_total",
+            None,
+            "Passive ejections of a backend.",
+        );
+        self.recorder.describe_gauge(
+            "sluice_backend_up".into(),
+            None,
+            "1 when the backend takes new connections (its health state is up).".into(),
+        );
+        self.recorder.describe_gauge(
+            "sluice_backend_state".into(),
+            None,
+            "1 for the backend's current health state (up, unknown, down, ejected, flapping), 0 for the others."
+                .into(),
+        );
+        self.recorder.describe_gauge(
+            "sluice_backend_weight_effective".into(),
+            None,
+            "The weight the balancer uses now (below the configured one during slow start).".into(),
+        );
+        self.recorder.describe_gauge(
+            "sluice_backend_probe_duration_seconds".into(),
+            Some(Unit::Seconds),
+            "How long the backend's latest active probe took, passed or failed.".into(),
+        );
         self.recorder.describe_gauge(
             "sluice_pipes_leased".into(),
             None,
@@ -141,6 +178,7 @@ impl MetricsView {
         self.gauge("sluice_pipes_leased", vec![])
             .set(total(&|w| w.pipes_leased.get()) as f64);
         let snapshot = self.snapshots.load();
+        let health = self.health.lock().map(|h| h.clone()).unwrap_or_default();
         self.gauge("sluice_snapshot_generation", vec![])
             .set(snapshot.generation as f64);
         self.counter("sluice_bytes_spliced_total", vec![])
@@ -182,7 +220,11 @@ impl MetricsView {
                 self.counter("sluice_connections_closed_total", labels)
                     .absolute(sum(&|l| l.closed[kind.index()].get()));
             }
-            for (bi, backend) in self.backends[li].iter().enumerate() {
+            // Every backend configured since start, by its address; the health view lists them
+            // in `BackendId` order, as the workers' counters are.
+            let no_backends = Vec::new();
+            for (bi, view) in health.get(li).unwrap_or(&no_backends).iter().enumerate() {
+                let backend = view.addr.to_string();
                 let labels = || {
                     let mut l = listener();
                     l.push(Label::new("backend", backend.clone()));
@@ -205,9 +247,35 @@ impl MetricsView {
                     .absolute(bsum(&|b| b.bytes_to_client.get()));
                 self.gauge("sluice_backend_connections_active", labels())
                     .set(bsum(&|b| b.connections_active.get()) as f64);
+                self.render_health(view, &labels);
             }
         }
         self.handle.render()
+    }
+
+    fn render_health(&self, view: &BackendView, labels: &dyn Fn() -> Vec<Label>) {
+        let up = !view.removed && view.state.is_available();
+        self.gauge("sluice_backend_up", labels())
+            .set(if up { 1.0 } else { 0.0 });
+        // A backend a reload removed is in no state: every member of the set is 0.
+        for state in STATES {
+            let mut l = labels();
+            l.push(Label::new("state", state.label()));
+            let value = if !view.removed && state == view.state {
+                1.0
+            } else {
+                0.0
+            };
+            self.gauge("sluice_backend_state", l).set(value);
+        }
+        self.counter("sluice_backend_ejections_total", labels())
+            .absolute(view.ejections);
+        self.gauge("sluice_backend_weight_effective", labels())
+            .set(f64::from(view.weight_effective));
+        if let Some(latency) = view.probe_latency {
+            self.gauge("sluice_backend_probe_duration_seconds", labels())
+                .set(latency.as_secs_f64());
+        }
     }
 
     fn counter(&self, name: &'static str, labels: Vec<Label>) -> Counter {

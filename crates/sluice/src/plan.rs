@@ -51,7 +51,8 @@ pub(crate) fn resolve(config: Config, file: &Path) -> Result<Resolved, ConfigErr
     }
 }
 
-/// The first snapshot: every backend up, as configured.
+/// The snapshot of the config with every backend up (what `sluice inspect` shows; `run` takes
+/// its first snapshot from the health manager after the first probes).
 pub(crate) fn snapshot(resolved: &Resolved) -> Snapshot {
     let listeners = resolved
         .config
@@ -64,15 +65,25 @@ pub(crate) fn snapshot(resolved: &Resolved) -> Snapshot {
                 .iter()
                 .zip(addrs)
                 .enumerate()
-                .map(|(i, (spec, addr))| Backend::new(BackendId(i as u32), *addr, spec.weight))
+                .map(|(i, (spec, addr))| {
+                    let mut backend = Backend::new(BackendId(i as u32), *addr, spec.weight);
+                    backend.backup = spec.backup;
+                    backend
+                })
                 .collect();
-            ListenerBackends::new(listener.algorithm, backends)
+            ListenerBackends::with_fallback(listener.algorithm, listener.on_all_down, backends)
         })
         .collect();
     Snapshot {
         generation: 1,
         listeners,
     }
+}
+
+/// How many distinct backends a listener configured with `configured` may ever have: room for
+/// reloads to add as many again (at least 64 more), each costing a few counters per worker.
+pub(crate) fn backends_max(configured: usize) -> usize {
+    configured + configured.max(64)
 }
 
 /// The number of workers `workers: auto` means: the CPUs this process may run on.
@@ -110,6 +121,7 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
                 sluice_config::OnMaxConnections::Queue => OnMaxConnections::Queue,
                 sluice_config::OnMaxConnections::Reject => OnMaxConnections::Reject,
             },
+            backends_max: backends_max(l.backends.len()),
         })
         .collect();
     let explicit: u64 = config
@@ -132,5 +144,6 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
         connections_max_total: cap,
         pin_workers: true,
         pipes_per_worker: sluice_dataplane::pipes_for_budget(fd_limit, workers),
+        events: None,
     }
 }

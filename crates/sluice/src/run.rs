@@ -95,8 +95,16 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    let mut health = match crate::health::Manager::new(&resolved) {
+        Ok(health) => health,
+        Err(message) => {
+            eprintln!("sluice: {message}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
     let fd_limit = sluice_dataplane::raise_fd_limit();
-    let plane_config = plan::plane(&resolved.config, fd_limit);
+    let mut plane_config = plan::plane(&resolved.config, fd_limit);
+    plane_config.events = Some(health.sink());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         workers = plane_config.workers,
@@ -104,7 +112,21 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         connections_max = plane_config.connections_max_total,
         "starting"
     );
-    let snapshots = Arc::new(SnapshotCell::new(plan::snapshot(&resolved)));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: starting the control plane: {e}");
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
+    // Every backend with an active check is probed once before any listener accepts.
+    runtime.block_on(health.probe_all_once());
+    let snapshots = Arc::new(SnapshotCell::new(
+        health.snapshot(std::time::Instant::now()),
+    ));
     let plane = match sluice_dataplane::start(plane_config, Arc::clone(&snapshots)) {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
@@ -115,38 +137,31 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             });
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sluice: starting the control plane: {e}");
-            plane.close_all();
-            return ExitCode::from(exit::OS_ERROR);
-        }
-    };
+    let health_view = health.view();
     let config = resolved.config;
     runtime.block_on(async move {
         // Signal handlers go in before readiness is announced: a SIGTERM right after
         // "sluice ready" must drain, not kill.
-        let (Ok(term), Ok(int)) = (
+        let (Ok(term), Ok(int), Ok(hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             eprintln!("sluice: cannot install signal handlers");
             plane.close_all();
             return ExitCode::from(exit::OS_ERROR);
         };
+        let reloads = health.sender();
+        health.spawn(Arc::clone(&snapshots), Arc::clone(&plane));
+        tokio::spawn(reload_on_sighup(hup, path.to_owned(), reloads));
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
-            let backends = resolved
-                .backends
-                .iter()
-                .map(|addrs| addrs.iter().map(ToString::to_string).collect())
-                .collect();
-            let view =
-                crate::metrics_render::MetricsView::new(plane.clone(), snapshots, names, backends);
+            let view = crate::metrics_render::MetricsView::new(
+                plane.clone(),
+                snapshots,
+                health_view,
+                names,
+            );
             if let Err(e) = crate::admin::serve(admin.bind, view).await {
                 eprintln!("sluice: admin endpoint {}: {e}", admin.bind);
                 plane.close_all();
@@ -159,6 +174,39 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         tracing::info!("sluice ready");
         wait_for_shutdown(&plane, config.shutdown_timeout, term, int).await
     })
+}
+
+/// SIGHUP: reads the config file again; a file that loads and resolves goes to the health
+/// manager, which applies what can change while running. A bad file changes nothing: its
+/// errors are logged (file:line:column) and the running config stays.
+async fn reload_on_sighup(
+    mut hup: Signal,
+    path: std::path::PathBuf,
+    reloads: tokio::sync::mpsc::Sender<crate::health::Event>,
+) {
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        let file = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let config = sluice_config::load(&file)?;
+            plan::resolve(config, &file)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(resolved)) => {
+                let event = crate::health::Event::Reload(Box::new(resolved));
+                if reloads.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(errors)) => {
+                for error in &errors.0 {
+                    tracing::error!("reload rejected, running config kept: {error}");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; running config kept"),
+        }
+    }
 }
 
 /// Waits for SIGTERM/SIGINT, drains, and exits once no connection remains or at

@@ -262,39 +262,67 @@ fn power_of_two_prefers_fewer_open_connections(workers: usize) {
 }
 
 /// A client whose Maglev backend refuses connections is retried on the table's next choice for
-/// it, the same one every time, and every client is served.
+/// it, the same one every time, and every client is served. Passive ejection is off here: it
+/// would take the backend out of the table (see the next test) in the middle of the check.
 fn maglev_retries_a_refused_backend_on_a_stable_next_choice(workers: usize) {
     let servers = greeting_backends(3);
     let mut addrs: Vec<SocketAddr> = servers.iter().map(EchoServer::addr).collect();
     addrs.push(refusing_addr());
-    let (_sluice, proxy) = start(workers, Listener::new("retry", &addrs).algorithm("maglev"));
+    let listener = Listener::new("retry", &addrs)
+        .algorithm("maglev")
+        .with("passive: { consecutive_failures: 0 }");
+    let (_sluice, proxy) = start(workers, listener);
     let clients = client_ips(40);
     let seen = affinity(proxy, &clients, 2);
-    // Which clients the table sends to the refusing backend first: they were served anyway.
+    let table = equal_weight_table(&addrs);
+    let retried = clients
+        .iter()
+        .filter(|&&ip| table.lookup(client_key(ip)) == Some(BackendId(3)))
+        .count();
+    assert!(retried > 0, "no client maps to the refusing backend");
+    for ip in &clients {
+        let expected = table.pick(client_key(*ip), &[BackendId(3)]).unwrap();
+        assert_eq!(seen[ip], expected.index(), "client {ip}");
+    }
+}
+
+/// With an active check the refusing backend is down from the first probe, so the table is
+/// built without it: every client gets what a table of the other three gives it.
+fn maglev_leaves_a_down_backend_out_of_the_table(workers: usize) {
+    let servers = greeting_backends(3);
+    let mut addrs: Vec<SocketAddr> = servers.iter().map(EchoServer::addr).collect();
+    addrs.push(refusing_addr());
+    let listener = Listener::new("down", &addrs)
+        .algorithm("maglev")
+        .with("health: { check: tcp, interval: 1s, timeout: 500ms }");
+    let (_sluice, proxy) = start(workers, listener);
+    let clients = client_ips(40);
+    let seen = affinity(proxy, &clients, 2);
+    let without = equal_weight_table(&addrs[..3]);
+    for ip in &clients {
+        let expected = without.lookup(client_key(*ip)).unwrap();
+        assert_eq!(seen[ip], expected.index(), "client {ip}");
+    }
+}
+
+/// The table an instance builds for `addrs` with weight 1 each.
+fn equal_weight_table(addrs: &[SocketAddr]) -> MaglevTable {
     let backends: Vec<Backend> = addrs
         .iter()
         .enumerate()
         .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
         .collect();
-    let table = MaglevTable::build(&backends, 65537);
-    let key = |ip: Ipv4Addr| HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))));
-    let retried: Vec<Ipv4Addr> = clients
-        .iter()
-        .copied()
-        .filter(|&ip| table.lookup(key(ip)) == Some(BackendId(3)))
-        .collect();
-    assert!(
-        !retried.is_empty(),
-        "no client maps to the refusing backend"
-    );
-    for ip in &clients {
-        let expected = table.pick(key(*ip), &[BackendId(3)]).unwrap();
-        assert_eq!(seen[ip], expected.index(), "client {ip}");
-    }
+    MaglevTable::build(&backends, 65537)
+}
+
+/// The `client_ip` key of a client at `ip`.
+fn client_key(ip: Ipv4Addr) -> u64 {
+    HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))))
 }
 
 with_workers_1_and_2!(
     maglev_retries_a_refused_backend_on_a_stable_next_choice,
+    maglev_leaves_a_down_backend_out_of_the_table,
     maglev_sends_each_client_to_the_same_backend_on_every_instance,
     ring_hash_sticks_by_ip_and_spreads_by_port,
     round_robin_1_to_3_splits_400_connections,

@@ -99,10 +99,16 @@ fn cases() -> Vec<Case> {
             field: "listeners[1].bind",
         },
         Case {
-            what: "health (not yet supported)",
-            yaml: format!("{VALID}    health:\n      check: tcp\n"),
+            what: "udp-only key (not yet supported)",
+            yaml: format!("{VALID}    max_sessions: 10\n"),
             line: 13,
-            field: "listeners[0].health",
+            field: "listeners[0].max_sessions",
+        },
+        Case {
+            what: "health key of another check",
+            yaml: format!("{VALID}    health:\n      check: tcp\n      role: master\n"),
+            line: 15,
+            field: "listeners[0].health.role",
         },
         Case {
             what: "unknown algorithm",

@@ -75,10 +75,46 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             } else {
                 format!(" -> {addr}")
             };
-            let _ = writeln!(out, "  backend {written}{resolved} weight {}", spec.weight);
+            let backup = if spec.backup { " backup" } else { "" };
+            let _ = writeln!(
+                out,
+                "  backend {written}{resolved} weight {}{backup}",
+                spec.weight
+            );
         }
+        let _ = writeln!(out, "  {}", health_summary(listener));
     }
     crate::print(&out)
+}
+
+/// One line on a listener's health settings, for `sluice check`.
+fn health_summary(listener: &sluice_config::Listener) -> String {
+    let active = match &listener.health {
+        Some(h) => format!(
+            "health {} every {:?} (timeout {:?}, rise {}, fall {})",
+            h.check.name(),
+            h.interval,
+            h.timeout,
+            h.rise,
+            h.fall
+        ),
+        None => "health: no active check".to_owned(),
+    };
+    let p = &listener.passive;
+    let passive = if p.consecutive_failures == 0 {
+        "passive ejection off".to_owned()
+    } else {
+        format!(
+            "passive ejection after {} failures for {:?} (at most {}%)",
+            p.consecutive_failures, p.ejection_time, p.max_ejection_percent
+        )
+    };
+    format!(
+        "{active}; {passive}; on_all_down {}; slow_start {}; drain_timeout {}",
+        listener.on_all_down.label(),
+        off_or(listener.slow_start),
+        off_or(listener.drain_timeout)
+    )
 }
 
 fn off_or(d: Duration) -> String {

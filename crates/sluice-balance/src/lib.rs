@@ -320,6 +320,9 @@ pub struct ListenerBackends {
     pub algorithm: Algorithm,
     pub on_all_down: OnAllDown,
     pub backends: Vec<Backend>,
+    /// Up, weighted backups not selectable because a primary is up: the last resort of a
+    /// retry that has tried every selectable backend.
+    pub backups_standing_by: Vec<BackendId>,
     pub table: Table,
     fingerprint: u64,
 }
@@ -359,9 +362,15 @@ impl ListenerBackends {
             Table::Maglev(maglev) => maglev.fingerprint(),
             Table::None | Table::Weights(_) => weights_fingerprint(algorithm, &eligible),
         };
+        let backups_standing_by = backends
+            .iter()
+            .filter(|b| b.backup && !b.selectable && b.weight > 0 && b.state == BackendState::Up)
+            .map(|b| b.id)
+            .collect();
         ListenerBackends {
             algorithm,
             on_all_down,
+            backups_standing_by,
             backends,
             table,
             fingerprint,
@@ -496,6 +505,27 @@ impl Picker {
     /// (backends already tried by this connection: a retry takes the algorithm's next choice).
     /// `None` when no backend can take it.
     pub fn pick(
+        &mut self,
+        listener: &ListenerBackends,
+        client: ClientAddr,
+        exclude: &[BackendId],
+    ) -> Option<BackendId> {
+        let picked = self.pick_selectable(listener, client, exclude);
+        if picked.is_some() || exclude.is_empty() {
+            return picked;
+        }
+        // Every selectable backend was tried on this connection: a retry may still go to an
+        // up backup (the least loaded), so a primary that refuses before health checks notice
+        // does not fail the client while a backup could serve it.
+        listener
+            .backups_standing_by
+            .iter()
+            .filter(|id| !exclude.contains(id))
+            .min_by_key(|id| listener.backends[id.index()].active())
+            .copied()
+    }
+
+    fn pick_selectable(
         &mut self,
         listener: &ListenerBackends,
         client: ClientAddr,

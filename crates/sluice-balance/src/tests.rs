@@ -292,6 +292,19 @@ fn backups_serve_only_while_no_other_backend_is_up() {
                 "{algorithm:?}"
             );
         }
+        // A retry that has tried every primary falls back to the backup.
+        let l = ListenerBackends::new(algorithm, backends.clone());
+        let mut p = Picker::new(&l, 0, 3);
+        let tried = [BackendId(0), BackendId(1)];
+        assert_eq!(
+            p.pick(&l, client(1, 1), &tried),
+            Some(BackendId(2)),
+            "{algorithm:?}"
+        );
+        assert_eq!(
+            p.pick(&l, client(1, 1), &[BackendId(0)]).map(|id| id.0 < 2),
+            Some(true)
+        );
         let mut down = backends.clone();
         down[0].state = BackendState::Down;
         down[1].weight = 0;

@@ -8,12 +8,16 @@ use std::path::PathBuf;
 
 use sluice_health::{Check, PostgresRole};
 use sluice_probe::Prober;
+use sluice_testkit::PostgresCluster;
 use support::fake::{Behavior, FakeServer};
-use support::postgres::{
-    MD5_PASSWORD, MD5_USER, PostgresCluster, SCRAM_PASSWORD, SCRAM_USER, TRUST_USER,
-};
 use support::temp::TempDir;
 use support::{HANG_TIMEOUT, PASS_TIMEOUT, assert_passed, failure_text};
+
+const SCRAM_USER: &str = PostgresCluster::SCRAM_USER;
+const SCRAM_PASSWORD: &str = PostgresCluster::SCRAM_PASSWORD;
+const MD5_USER: &str = PostgresCluster::MD5_USER;
+const MD5_PASSWORD: &str = PostgresCluster::MD5_PASSWORD;
+const TRUST_USER: &str = PostgresCluster::TRUST_USER;
 
 fn postgres(role: Option<PostgresRole>, user: &str, password_file: Option<PathBuf>) -> Prober {
     postgres_db(role, user, "postgres", password_file)
@@ -41,7 +45,7 @@ async fn primary_authentication_and_role() {
     let scram = dir.write("scram.pass", &format!("{SCRAM_PASSWORD}\n"));
     let md5 = dir.write("md5.pass", MD5_PASSWORD);
     let wrong = dir.write("wrong.pass", "wrong-secret\n");
-    let addr = primary.addr;
+    let addr = primary.addr();
 
     // SCRAM-SHA-256: the role decides.
     let want_primary = postgres(Some(PostgresRole::Primary), SCRAM_USER, Some(scram.clone()));
@@ -96,14 +100,14 @@ async fn standby_from_pg_basebackup_and_its_promotion() {
     let want_primary = postgres(Some(PostgresRole::Primary), SCRAM_USER, Some(scram.clone()));
     let want_standby = postgres(Some(PostgresRole::Standby), SCRAM_USER, Some(scram));
 
-    assert_passed(&want_standby.probe(standby.addr, PASS_TIMEOUT).await);
-    let outcome = want_primary.probe(standby.addr, PASS_TIMEOUT).await;
+    assert_passed(&want_standby.probe(standby.addr(), PASS_TIMEOUT).await);
+    let outcome = want_primary.probe(standby.addr(), PASS_TIMEOUT).await;
     assert_eq!(failure_text(&outcome), "role is standby, want primary");
-    assert_passed(&want_primary.probe(primary.addr, PASS_TIMEOUT).await);
+    assert_passed(&want_primary.probe(primary.addr(), PASS_TIMEOUT).await);
 
     standby.promote();
-    assert_passed(&want_primary.probe(standby.addr, PASS_TIMEOUT).await);
-    let outcome = want_standby.probe(standby.addr, PASS_TIMEOUT).await;
+    assert_passed(&want_primary.probe(standby.addr(), PASS_TIMEOUT).await);
+    let outcome = want_standby.probe(standby.addr(), PASS_TIMEOUT).await;
     assert_eq!(failure_text(&outcome), "role is primary, want standby");
 }
 

@@ -22,7 +22,9 @@ mod client;
 mod data;
 mod echo;
 mod metrics;
+mod postgres;
 mod process;
+mod redis;
 mod tcp;
 
 pub use addr::{free_addr, free_addr_v6, free_port, ipv6_loopback_available, refusing_addr};
@@ -35,8 +37,10 @@ pub use echo::{Behavior, ConnRecord, EchoServer};
 pub use metrics::{HttpResponse, http_get, parse_prometheus, scrape_metrics, series, wait_metric};
 /// Signals for [`Sluice::signal`].
 pub use nix::sys::signal::Signal;
+pub use postgres::{PostgresCluster, psql_over_tcp};
 pub use process::{
     CommandOutput, ConfigFile, READY_MARKER, READY_TIMEOUT, Sluice, StartError, check_config,
     run_config_command, run_with_timeout,
 };
+pub use redis::{RedisServer, Reply, read_reply, redis_command, require_installed, write_command};
 pub use tcp::{reset, send_queue, wait_acknowledged};

@@ -2,71 +2,14 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
 
 use common::start;
-use sluice_testkit::{free_addr, run_with_timeout};
+use sluice_testkit::{RedisServer, require_installed, run_with_timeout};
 
 with_workers_1_and_2!(redis_cli_and_benchmark_through_sluice);
-
-/// A `redis-server` child on a fresh port, killed on drop.
-struct RedisServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let addr = free_addr();
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                &addr.ip().to_string(),
-                "--port",
-                &addr.port().to_string(),
-            ])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let server = Self { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {addr} within 10 s"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn installed(binaries: &[&str]) -> bool {
-    let missing: Vec<&&str> = binaries
-        .iter()
-        .filter(|name| !Path::new("/usr/bin").join(name).exists())
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "SKIPPED: {missing:?} not installed in /usr/bin (scripts/install-deps.sh installs them)"
-        );
-    }
-    missing.is_empty()
-}
 
 fn redis_cli(front: SocketAddr, args: &[&str]) -> String {
     let mut command = Command::new("redis-cli");
@@ -89,11 +32,9 @@ fn redis_cli(front: SocketAddr, args: &[&str]) -> String {
 }
 
 fn redis_cli_and_benchmark_through_sluice(workers: usize) {
-    if !installed(&["redis-server", "redis-cli", "redis-benchmark"]) {
-        return;
-    }
+    require_installed(&["redis-server", "redis-cli", "redis-benchmark"]);
     let redis = RedisServer::start();
-    let (_sluice, front) = start(workers, &[redis.addr]);
+    let (_sluice, front) = start(workers, &[redis.addr()]);
     let value = format!("through sluice with {workers} worker(s)");
     assert_eq!(redis_cli(front, &["SET", "sluice:test", &value]), "OK");
     assert_eq!(redis_cli(front, &["GET", "sluice:test"]), value);
@@ -134,9 +75,9 @@ fn redis_cli_and_benchmark_through_sluice(workers: usize) {
     let mut direct = Command::new("redis-cli");
     direct.args([
         "-h",
-        &redis.addr.ip().to_string(),
+        &redis.addr().ip().to_string(),
         "-p",
-        &redis.addr.port().to_string(),
+        &redis.addr().port().to_string(),
         "EXISTS",
         "key:__rand_int__",
     ]);

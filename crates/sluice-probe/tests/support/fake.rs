@@ -82,6 +82,14 @@ impl FakeServer {
         records.iter().map(|r| r.received.clone()).collect()
     }
 
+    /// Connections accepted and not yet ended: each holds one descriptor of this process.
+    /// Exact between polls on a current-thread runtime (a connection's record is made in the
+    /// poll that accepts it and ended in the poll that drops it).
+    pub fn open(&self) -> usize {
+        let records = self.records.lock().unwrap();
+        records.iter().filter(|r| !r.ended).count()
+    }
+
     /// What each connection sent, once all of them have ended (waits at most 5 s).
     pub async fn received_when_closed(&self) -> Vec<Vec<u8>> {
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -1,6 +1,6 @@
 //! Test support for sluice-probe's integration tests: backends on loopback that behave or
-//! misbehave on purpose ([`fake`]), real `redis-server` processes ([`redis`]) and real
-//! PostgreSQL clusters ([`postgres`]), and temporary directories ([`temp`]).
+//! misbehave on purpose ([`fake`]), real `redis-server` processes ([`redis`]), and temporary
+//! directories ([`temp`]). Real PostgreSQL clusters come from `sluice_testkit::PostgresCluster`.
 //!
 //! Every wait here has a deadline, and every process and directory is cleaned up on drop.
 
@@ -8,7 +8,6 @@
 #![allow(dead_code)]
 
 pub mod fake;
-pub mod postgres;
 pub mod redis;
 pub mod temp;
 

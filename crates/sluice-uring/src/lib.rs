@@ -9,11 +9,13 @@
 //! It does not decide anything: no state, no policy, no timers. Completions come back as plain
 //! [`Completion`] values; the caller encodes what an operation was in its `user_data`.
 
+mod datagram;
 mod pool;
 mod ring;
 
+pub use datagram::Datagram;
 pub use pool::BufferPool;
-pub use ring::{Completion, Features, SetupError, Uring};
+pub use ring::{Completion, DATAGRAM_OP, Features, SetupError, Uring};
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

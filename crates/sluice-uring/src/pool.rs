@@ -160,6 +160,19 @@ impl BufferPool {
         unsafe { self.memory.as_ptr().add(at.min(self.memory_len)) }
     }
 
+    /// The first `len` bytes of buffer `id` (at most the buffer size). Only for a buffer the
+    /// caller owns: a completion named it, so the kernel has finished writing it.
+    pub(crate) fn bytes(&self, id: u16, len: u32) -> &[u8] {
+        if id >= self.count {
+            return &[];
+        }
+        let len = len.min(self.buffer_size) as usize;
+        // SAFETY: the range lies within buffer `id` of the mapping (id < count, len <= size);
+        // the mapping is readable and lives as long as `self`; the kernel no longer writes a
+        // buffer once a completion has handed it to the caller.
+        unsafe { std::slice::from_raw_parts(self.addr(id, 0), len) }
+    }
+
     /// Takes note that the kernel consumed one buffer (a completion named it).
     pub(crate) fn taken(&mut self) {
         self.free = self.free.saturating_sub(1);

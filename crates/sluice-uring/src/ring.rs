@@ -2,6 +2,7 @@
 //! completion reaping.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use socket2::SockAddr;
 
+use crate::datagram::{Datagram, SendMsg, parse_recvmsg, recvmsg_template};
 use crate::pool::BufferPool;
 
 /// Why a ring could not be set up. `Unavailable` maps to exit status 69.
@@ -59,6 +61,13 @@ impl Completion {
 /// crate does not export its `sys` module.
 const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
+/// Set in the user data of every operation on the datagram pool (see
+/// [`Uring::enable_datagrams`]); the caller encodes the rest of its user data below it.
+pub const DATAGRAM_OP: u64 = 1 << 63;
+
+/// The buffer group of the datagram pool (the stream pool is group 0).
+const DATAGRAM_GROUP: u16 = 1;
+
 /// Opcodes the data plane cannot work without.
 const REQUIRED: [(u8, &str); 8] = [
     (opcode::AcceptMulti::CODE, "ACCEPT"),
@@ -78,6 +87,12 @@ pub struct Uring {
     // reference.
     ring: IoUring,
     pool: BufferPool,
+    /// Large buffers for datagrams (group 1), once [`Uring::enable_datagrams`] was called.
+    datagrams: Option<BufferPool>,
+    /// What every multishot `recvmsg` reads its name and control lengths from.
+    recvmsg: Box<libc::msghdr>,
+    /// The `sendmsg` in flight from each datagram buffer (a buffer is in one send at a time).
+    sendmsgs: Vec<Option<Box<SendMsg>>>,
     /// Boxed so that growing the vector never moves an address the kernel may be reading.
     connect_addrs: Vec<Option<Box<SockAddr>>>,
     features: Features,
@@ -139,6 +154,9 @@ impl Uring {
         Ok(Uring {
             ring,
             pool,
+            datagrams: None,
+            recvmsg: recvmsg_template(),
+            sendmsgs: Vec::new(),
             connect_addrs: std::iter::repeat_with(|| None)
                 .take(connect_slots)
                 .collect(),
@@ -162,6 +180,127 @@ impl Uring {
     /// Gives a buffer back to the kernel (see [`BufferPool::recycle`]).
     pub fn recycle(&mut self, id: u16) {
         self.pool.recycle(id);
+    }
+
+    /// Sets up the datagram pool: `count` buffers (a power of two) of `size` bytes, registered
+    /// as buffer group 1, `ring_initial` of them in the kernel's ring at first. Operations on it
+    /// must carry [`DATAGRAM_OP`] in their user data, so that completions are counted against
+    /// the right pool.
+    pub fn enable_datagrams(
+        &mut self,
+        count: u16,
+        size: u32,
+        ring_initial: u32,
+    ) -> Result<(), SetupError> {
+        if self.datagrams.is_some() {
+            return Ok(());
+        }
+        if size == 0 || count == 0 || !count.is_power_of_two() {
+            return Err(SetupError::Os(io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        let mut pool = BufferPool::new(count, size, DATAGRAM_GROUP);
+        // SAFETY: the ring entries are page-aligned memory of `count` entries owned by `pool`,
+        // which is stored in `self` below and dropped after the ring.
+        unsafe {
+            self.ring.submitter().register_buf_ring_with_flags(
+                pool.ring_addr(),
+                count,
+                pool.group(),
+                0,
+            )
+        }
+        .map_err(SetupError::Os)?;
+        pool.top_up(ring_initial.clamp(1, u32::from(count)));
+        self.sendmsgs = std::iter::repeat_with(|| None)
+            .take(usize::from(count))
+            .collect();
+        self.datagrams = Some(pool);
+        Ok(())
+    }
+
+    /// The datagram pool, if enabled.
+    pub fn datagram_pool(&self) -> Option<&BufferPool> {
+        self.datagrams.as_ref()
+    }
+
+    /// Refills the datagram pool's ring from its reserve.
+    pub fn top_up_datagrams(&mut self, low: u32) {
+        if let Some(pool) = &mut self.datagrams {
+            pool.top_up(low);
+        }
+    }
+
+    /// Gives a datagram buffer back to the kernel.
+    pub fn recycle_datagram(&mut self, id: u16) {
+        if let Some(slot) = self.sendmsgs.get_mut(usize::from(id)) {
+            *slot = None;
+        }
+        if let Some(pool) = &mut self.datagrams {
+            pool.recycle(id);
+        }
+    }
+
+    /// Multishot `recvmsg` on a UDP socket (bound or connected) into the datagram pool: one
+    /// completion per datagram, read with [`Uring::datagram`]. `user_data` must carry
+    /// [`DATAGRAM_OP`]. (`recvmsg` rather than `recv` also for connected sockets: a multishot
+    /// `recv` reports an empty datagram as a 0 result without a buffer and stops, while
+    /// `recvmsg` puts its header in a buffer like any other.)
+    pub fn recvmsg_multi(&mut self, fd: RawFd, user_data: u64) {
+        debug_assert!(user_data & DATAGRAM_OP != 0);
+        let msghdr: *const libc::msghdr = &*self.recvmsg;
+        let entry = opcode::RecvMsgMulti::new(Fd(fd), msghdr, DATAGRAM_GROUP).build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// The datagram a `recvmsg_multi` completion left in buffer `buf` (`len`, the result);
+    /// `None` when the buffer does not hold a well-formed one.
+    pub fn datagram(&self, buf: u16, len: u32) -> Option<Datagram<'_>> {
+        let pool = self.datagrams.as_ref()?;
+        parse_recvmsg(pool.bytes(buf, len), &self.recvmsg)
+    }
+
+    /// Sends `len` bytes of datagram buffer `buf` from `offset` on a connected UDP socket as one
+    /// datagram. The caller keeps the buffer until this completes.
+    pub fn send_datagram(&mut self, fd: RawFd, buf: u16, offset: u32, len: u32, user_data: u64) {
+        debug_assert!(user_data & DATAGRAM_OP != 0);
+        let Some(pool) = &self.datagrams else {
+            return;
+        };
+        let len = len.min(pool.buffer_size().saturating_sub(offset));
+        let entry = opcode::Send::new(Fd(fd), pool.addr(buf, offset), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.push(entry.user_data(user_data));
+    }
+
+    /// Sends `len` bytes of datagram buffer `buf` from `offset` to `dest` as one datagram, from
+    /// the local address `source` when given (see [`Datagram::local`]). The caller keeps the
+    /// buffer until this completes; recycling it frees the message too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sendmsg_datagram(
+        &mut self,
+        fd: RawFd,
+        buf: u16,
+        offset: u32,
+        len: u32,
+        dest: SocketAddr,
+        source: Option<IpAddr>,
+        user_data: u64,
+    ) {
+        debug_assert!(user_data & DATAGRAM_OP != 0);
+        let Some(pool) = &self.datagrams else {
+            return;
+        };
+        let len = len.min(pool.buffer_size().saturating_sub(offset));
+        let message = SendMsg::new(pool.addr(buf, offset), len as usize, dest, source);
+        let Some(slot) = self.sendmsgs.get_mut(usize::from(buf)) else {
+            return;
+        };
+        let msghdr: *const libc::msghdr = &slot.insert(message).msghdr;
+        let entry = opcode::SendMsg::new(Fd(fd), msghdr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        self.push(entry.user_data(user_data));
     }
 
     /// Multishot accept on a listening socket.
@@ -272,7 +411,10 @@ impl Uring {
                 flags: cqe.flags(),
             };
             if completion.buffer().is_some() {
-                self.pool.taken();
+                match &mut self.datagrams {
+                    Some(pool) if completion.user_data & DATAGRAM_OP != 0 => pool.taken(),
+                    _ => self.pool.taken(),
+                }
             }
             out.push(completion);
         }
@@ -281,8 +423,9 @@ impl Uring {
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every entry built by this type references only memory owned by `self`
-            // (pool buffers, stored connect addresses) or no memory at all, and `self` keeps
-            // that memory alive until the ring is dropped.
+            // (pool buffers, stored connect addresses, the recvmsg template, boxed sendmsg
+            // messages kept until their buffer is recycled) or no memory at all, and `self`
+            // keeps that memory alive until the ring is dropped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
@@ -403,5 +546,128 @@ mod tests {
             crate::unacked_bytes(std::os::fd::AsFd::as_fd(&server)).unwrap(),
             0
         );
+    }
+
+    /// Sets IP_PKTINFO (and IPV6_RECVPKTINFO) so that `recvmsg` reports each datagram's
+    /// destination address.
+    fn enable_pktinfo(fd: RawFd) {
+        let on: libc::c_int = 1;
+        for (level, name) in [
+            (libc::IPPROTO_IP, libc::IP_PKTINFO),
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        ] {
+            // SAFETY: a valid fd and a pointer to a live c_int of the given length. The IPv6
+            // option fails on an IPv4 socket, which is fine.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&on as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
+    fn wait_one(ring: &mut Uring, out: &mut Vec<Completion>) -> Completion {
+        ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+        ring.reap(out);
+        assert!(!out.is_empty(), "no completion within 5 s");
+        out[0]
+    }
+
+    #[test]
+    fn datagrams_arrive_with_source_and_local_address_and_replies_leave_from_it() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        ring.enable_datagrams(4, 65536 + 512, 4).unwrap();
+        let server = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        enable_pktinfo(server.as_raw_fd());
+        let port = server.local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // Sent to 127.3.4.5, an address of the loopback block the wildcard socket covers.
+        let target: SocketAddr = format!("127.3.4.5:{port}").parse().unwrap();
+        let big: Vec<u8> = (0..65507u32).map(|i| (i * 7 % 251) as u8).collect();
+        client.send_to(&big, target).unwrap();
+        ring.recvmsg_multi(server.as_raw_fd(), DATAGRAM_OP | 1);
+        let mut out = Vec::new();
+        let c = wait_one(&mut ring, &mut out);
+        assert!(c.result > 0, "recvmsg: {}", c.result);
+        assert!(c.more(), "multishot stays armed");
+        let buf = c.buffer().expect("a datagram buffer");
+        let d = ring
+            .datagram(buf, c.result as u32)
+            .expect("a well-formed datagram");
+        assert_eq!(d.source, client.local_addr().unwrap());
+        assert_eq!(d.local, Some("127.3.4.5".parse().unwrap()));
+        assert!(!d.truncated);
+        assert_eq!(d.payload, &big[..], "a 64 KiB datagram arrives whole");
+        let (offset, len) = (d.payload_offset, d.payload.len() as u32);
+        ring.sendmsg_datagram(
+            server.as_raw_fd(),
+            buf,
+            offset,
+            len,
+            d.source,
+            d.local,
+            DATAGRAM_OP | 2,
+        );
+        let c = wait_one(&mut ring, &mut out);
+        assert_eq!(c.user_data, DATAGRAM_OP | 2);
+        assert_eq!(c.result, 65507);
+        ring.recycle_datagram(buf);
+        let mut back = vec![0u8; 70000];
+        let (n, from) = client.recv_from(&mut back).unwrap();
+        assert_eq!(
+            from, target,
+            "the reply leaves from the address the client sent to"
+        );
+        assert_eq!(&back[..n], &big[..]);
+        assert_eq!(ring.datagram_pool().unwrap().free(), 4);
+    }
+
+    #[test]
+    fn connected_datagram_sockets_receive_and_send_from_the_datagram_pool() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        ring.enable_datagrams(4, 2048, 4).unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let local = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        local.connect(peer.local_addr().unwrap()).unwrap();
+        ring.recvmsg_multi(local.as_raw_fd(), DATAGRAM_OP | 3);
+        for payload in [&b"one"[..], b"", b"two, longer", b""] {
+            peer.send_to(payload, local.local_addr().unwrap()).unwrap();
+            let mut out = Vec::new();
+            let c = wait_one(&mut ring, &mut out);
+            assert_eq!(c.user_data, DATAGRAM_OP | 3);
+            // An empty datagram arrives, but it ends the multishot (the kernel treats a zero
+            // payload like a stream's EOF): the caller re-arms, as for any completion without
+            // IORING_CQE_F_MORE.
+            assert_eq!(c.more(), !payload.is_empty(), "{c:?}");
+            if !c.more() {
+                ring.recvmsg_multi(local.as_raw_fd(), DATAGRAM_OP | 3);
+            }
+            let buf = c
+                .buffer()
+                .unwrap_or_else(|| panic!("no buffer: {c:?} for {payload:?}"));
+            let d = ring.datagram(buf, c.result as u32).expect("a datagram");
+            assert_eq!(d.payload, payload);
+            assert_eq!(d.source, peer.local_addr().unwrap());
+            let (offset, len) = (d.payload_offset, d.payload.len() as u32);
+            ring.send_datagram(local.as_raw_fd(), buf, offset, len, DATAGRAM_OP | 4);
+            let c = wait_one(&mut ring, &mut out);
+            assert_eq!(c.result as usize, payload.len());
+            ring.recycle_datagram(buf);
+            let mut back = [0u8; 64];
+            let n = peer.recv(&mut back).unwrap();
+            assert_eq!(
+                &back[..n],
+                payload,
+                "datagrams are neither split nor merged"
+            );
+        }
     }
 }

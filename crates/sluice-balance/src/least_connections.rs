@@ -52,7 +52,7 @@ impl LeastConnections {
             match best {
                 // load / weight < best_load / best_weight, without division.
                 Some((b, best_load))
-                    if load * u64::from(b.weight) >= best_load * u64::from(backend.weight) => {}
+                    if load * b.effective_weight() >= best_load * backend.effective_weight() => {}
                 _ => best = Some((backend, load)),
             }
         }

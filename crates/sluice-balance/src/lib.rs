@@ -128,6 +128,9 @@ impl BackendLoad {
     }
 }
 
+/// [`Backend::ramp`] of a backend that is not ramping.
+pub const RAMP_FULL: u16 = 1000;
+
 /// One connection counted in a backend's [`BackendLoad`]: made by [`Backend::open`], uncounted
 /// when dropped, so each connection is counted exactly once whatever path closes it.
 #[derive(Debug)]
@@ -153,6 +156,11 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// 0..=1000; 0 takes no new connections.
     pub weight: u16,
+    /// Slow start: the share of `weight` in use, in thousandths (1..=1000; 1000 when not
+    /// ramping). Applies to the weighted algorithms (round_robin, least_connections, random,
+    /// power_of_two), as Envoy's slow start does; the hashing tables use `weight` alone, so
+    /// that a ramp never moves clients between backends.
+    pub ramp: u16,
     pub state: BackendState,
     /// Takes connections only while no non-backup backend of its listener can.
     pub backup: bool,
@@ -169,11 +177,18 @@ impl Backend {
             id,
             addr,
             weight,
+            ramp: RAMP_FULL,
             state: BackendState::Up,
             backup: false,
             load: Arc::default(),
             selectable: true,
         }
+    }
+
+    /// The weight the weighted algorithms use: `weight` times `ramp` (in thousandths), so
+    /// that a ramp has a fine grain even for weight 1.
+    pub fn effective_weight(&self) -> u64 {
+        u64::from(self.weight) * u64::from(self.ramp.clamp(1, RAMP_FULL))
     }
 
     /// Whether the algorithm may choose this backend for a new connection: decided for the whole

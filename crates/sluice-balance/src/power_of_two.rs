@@ -50,7 +50,7 @@ impl PowerOfTwo {
         let (a, b) = (&backends[first.index()], &backends[second.index()]);
         // (active_b + 1) / weight_b < (active_a + 1) / weight_a, without division.
         let load = |x: &Backend| u64::from(x.active()) + 1;
-        if load(b) * u64::from(a.weight) < load(a) * u64::from(b.weight) {
+        if load(b) * a.effective_weight() < load(a) * b.effective_weight() {
             Some(second)
         } else {
             Some(first)

@@ -49,7 +49,7 @@ impl WeightTable {
             .iter()
             .filter(|b| b.eligible())
             .map(|b| {
-                total += u64::from(b.weight);
+                total += b.effective_weight();
                 (total, b.id)
             })
             .collect();
@@ -140,13 +140,13 @@ impl Random {
 mod tests {
     use super::*;
 
-    use crate::{Algorithm, BackendState, ListenerBackends, test_backends as backends};
+    use crate::{Algorithm, BackendState, ListenerBackends, RAMP_FULL, test_backends as backends};
 
     #[test]
     fn draws_follow_the_weights() {
         let b = backends(&[1, 2, 0, 5]);
         let table = WeightTable::new(&b);
-        assert_eq!((table.total(), table.len()), (8, 3));
+        assert_eq!((table.total(), table.len()), (8 * u64::from(RAMP_FULL), 3));
         let mut random = Random::new(Rng::new(7));
         let mut counts = [0u32; 4];
         for _ in 0..80_000 {

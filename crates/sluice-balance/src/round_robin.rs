@@ -38,7 +38,8 @@ impl RoundRobin {
             if !can_take(backend, exclude) {
                 continue;
             }
-            let weight = i64::from(backend.weight);
+            // At most 1000 x 1000: no overflow in i64 over any number of backends.
+            let weight = backend.effective_weight() as i64;
             self.current[i] += weight;
             total += weight;
             if best.is_none_or(|b| self.current[i] > self.current[b]) {

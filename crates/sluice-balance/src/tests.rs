@@ -349,3 +349,23 @@ fn every_backend_down_rejects_or_uses_all_weighted_ones() {
         assert!(seen.contains(&BackendId(0)) || seen.contains(&BackendId(1)));
     }
 }
+
+#[test]
+fn a_ramping_backend_takes_its_share_of_the_weighted_algorithms_only() {
+    // Backend 1 at 25% of its weight: 1 : 0.25 for weighted picks; the Maglev table ignores it.
+    let mut backends = test_backends(&[1, 1]);
+    backends[1].ramp = 250;
+    let rr = ListenerBackends::new(Algorithm::RoundRobin, backends.clone());
+    let mut p = Picker::new(&rr, 0, 1);
+    let ones = (0..500)
+        .filter(|&i| p.pick(&rr, client(1, i), &[]) == Some(BackendId(1)))
+        .count();
+    assert_eq!(ones, 100, "round-robin 1 : 0.25 over 500 picks");
+    let maglev = Algorithm::Maglev {
+        hash_key: HashKey::ClientIp,
+        table_size: None,
+    };
+    let full = ListenerBackends::new(maglev, test_backends(&[1, 1]));
+    let ramping = ListenerBackends::new(maglev, backends);
+    assert_eq!(full.fingerprint(), ramping.fingerprint());
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sluice_balance::random::Rng;
 use sluice_balance::{
     Algorithm, Backend, BackendId, BackendLoad, BackendState, ListenerBackends, OnAllDown,
-    Snapshot, SnapshotCell,
+    RAMP_FULL, Snapshot, SnapshotCell,
 };
 use sluice_dataplane::{BackendEvent, BackendEvents, DataPlane};
 use sluice_health::{ActiveCheck, ListenerHealth, Policy, Start, State, Transition};
@@ -116,7 +116,10 @@ pub(crate) struct BackendView {
     pub removed: bool,
     pub state: State,
     pub ejections: u64,
-    pub weight_effective: u16,
+    /// The slow-start share of the weight in use, in thousandths.
+    pub ramp: u16,
+    /// The configured weight times the ramp.
+    pub weight_effective: f64,
     pub probe_latency: Option<Duration>,
 }
 
@@ -236,8 +239,8 @@ impl Manager {
                     .map(|(i, m)| {
                         let health = l.health.backend(&m.addr);
                         let available = health.is_some_and(|h| h.is_available());
-                        let weight = health.map_or(m.weight, |h| h.effective_weight(m.weight, now));
-                        let mut b = Backend::new(BackendId(i as u32), m.addr, weight);
+                        let mut b = Backend::new(BackendId(i as u32), m.addr, m.weight);
+                        b.ramp = l.ramp(m, now);
                         b.state = if available {
                             BackendState::Up
                         } else {
@@ -492,13 +495,10 @@ impl Manager {
     fn ramping(&self, now: Instant) -> bool {
         let view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         self.listeners.iter().zip(view.iter()).any(|(l, backends)| {
-            l.members.iter().zip(backends).any(|(m, seen)| {
-                let weight = l
-                    .health
-                    .backend(&m.addr)
-                    .map_or(m.weight, |h| h.effective_weight(m.weight, now));
-                weight != seen.weight_effective
-            })
+            l.members
+                .iter()
+                .zip(backends)
+                .any(|(m, seen)| l.ramp(m, now) != seen.ramp)
         })
     }
 
@@ -532,8 +532,9 @@ impl Manager {
                             removed: m.removed,
                             state: health.map_or(State::Up, |h| h.state()),
                             ejections: health.map_or(0, |h| h.ejections()),
-                            weight_effective: health
-                                .map_or(m.weight, |h| h.effective_weight(m.weight, now)),
+                            ramp: l.ramp(m, now),
+                            weight_effective: f64::from(m.weight) * f64::from(l.ramp(m, now))
+                                / f64::from(RAMP_FULL),
                             probe_latency: m.probe_latency,
                         }
                     })
@@ -545,6 +546,14 @@ impl Manager {
 }
 
 impl ListenerState {
+    /// A member's slow-start ramp now, in thousandths of its weight.
+    fn ramp(&self, m: &Member, now: Instant) -> u16 {
+        self.health
+            .backend(&m.addr)
+            .map_or(RAMP_FULL, |h| h.effective_weight(RAMP_FULL, now))
+            .clamp(1, RAMP_FULL)
+    }
+
     /// Brings the members in line with a reloaded backend list; returns the backends that need
     /// a probe task started.
     fn update_members(

@@ -271,7 +271,7 @@ impl MetricsView {
         self.counter("sluice_backend_ejections_total", labels())
             .absolute(view.ejections);
         self.gauge("sluice_backend_weight_effective", labels())
-            .set(f64::from(view.weight_effective));
+            .set(view.weight_effective);
         if let Some(latency) = view.probe_latency {
             self.gauge("sluice_backend_probe_duration_seconds", labels())
                 .set(latency.as_secs_f64());

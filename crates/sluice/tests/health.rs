@@ -30,6 +30,7 @@ with_workers_1_and_2!(
     a_backup_serves_only_while_the_primary_is_down,
     redis_role_master_follows_a_failover,
     a_flapping_backend_is_damped_and_established_connections_survive,
+    slow_start_ramps_a_returning_backend,
 );
 
 /// The greeting's length: `backend-<i>\n` with a one-digit `i`.
@@ -765,4 +766,48 @@ fn a_flapping_backend_is_damped_and_established_connections_survive(workers: usi
         .unwrap()
         .expect("the backend side of the connection");
     assert!(echoed > 0);
+}
+
+/// `slow_start`: a backend that comes back starts at a tenth of its weight and reaches all of
+/// it at the end of the ramp; round-robin follows the effective weight.
+fn slow_start_ramps_a_returning_backend(workers: usize) {
+    const RAMP: Duration = Duration::from_secs(3);
+    let steady = greeting_backend(0);
+    let mut returning = Some(greeting_backend(1));
+    let addrs = [steady.addr(), returning.as_ref().unwrap().addr()];
+    let listener = Listener::new("ramp", &addrs)
+        .with("health: { check: tcp, interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }")
+        .with(&format!("slow_start: {}ms", RAMP.as_millis()));
+    let proxy = listener.bind;
+    let (sluice, admin) = start_with_admin(workers, &[listener]);
+    let weight = backend_series("sluice_backend_weight_effective", "ramp", addrs[1]);
+    // Up since start: no ramp.
+    assert_eq!(metric(admin, &weight), 1.0);
+
+    drop(returning.take());
+    wait_state(&sluice, admin, "ramp", addrs[1], "down");
+    returning = Some(greeting_backend_on(addrs[1], 1));
+    wait_state(&sluice, admin, "ramp", addrs[1], "up");
+    let back = Instant::now();
+    thread::sleep(ADOPT);
+    let early = metric(admin, &weight);
+    let served = serve_all(&sluice, proxy, 40, "early in the ramp");
+    assert!(
+        back.elapsed() < RAMP / 2,
+        "the early checks took half the ramp"
+    );
+    assert!(early < 0.5, "effective weight {early} early in the ramp");
+    // About 0.1-0.3 : 1 early on; an unramped backend would get 20 of 40.
+    assert!(count(&served, 1) <= 12, "{served:?}");
+
+    let deadline = Instant::now() + RAMP + STATE_TIMEOUT;
+    while metric(admin, &weight) < 1.0 {
+        assert!(Instant::now() < deadline, "the ramp did not end");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(back.elapsed() >= RAMP - Duration::from_millis(300));
+    thread::sleep(ADOPT);
+    let served = serve_all(&sluice, proxy, 40, "after the ramp");
+    assert!(count(&served, 1) >= 14, "{served:?}");
+    drop(returning);
 }

@@ -98,16 +98,57 @@ pub struct Listener {
     pub slow_start: Duration,
     /// How long a removed or weight-0 backend's connections may go on (default 30 s).
     pub drain_timeout: Duration,
+    /// Sessions, for a `udp` listener (defaults for a `tcp` one, which has none).
+    pub udp: UdpSettings,
     /// Where the listener's entry starts in the file.
     pub location: Location,
 }
 
-/// Transport protocol of a listener. `udp` is known but not yet supported.
+/// Transport protocol of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
     /// TCP: one backend connection per client connection.
     #[default]
     Tcp,
+    /// UDP: one session (and backend socket) per client address, see [`UdpSettings`].
+    Udp,
+}
+
+/// What a UDP listener does with sessions (flows): DESIGN.md's udp-only keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// Sessions per listener, split evenly across workers (default 100000).
+    pub max_sessions: u32,
+    /// What a new flow meets when the worker's share is full (default `drop`).
+    pub on_max_sessions: OnMaxSessions,
+    /// End a session after this many replies (1 for DNS); 0 = unlimited.
+    pub responses: u32,
+    /// End a session after this many requests; 0 = unlimited.
+    pub requests: u32,
+    /// Balance every datagram on its own, without a session.
+    pub per_packet: bool,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            max_sessions: 100_000,
+            on_max_sessions: OnMaxSessions::Drop,
+            responses: 0,
+            requests: 0,
+            per_packet: false,
+        }
+    }
+}
+
+/// What a UDP listener does with a new flow when its session table is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMaxSessions {
+    /// Drop the datagram (counted); existing sessions go on.
+    #[default]
+    Drop,
+    /// End the least recently active session to make room (counted).
+    EvictLru,
 }
 
 /// Load-balancing algorithm with its parameters (`hash_key`, `maglev.table_size`,

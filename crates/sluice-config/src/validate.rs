@@ -12,6 +12,7 @@ use std::time::Duration;
 use sluice_balance::maglev;
 
 mod health;
+mod udp;
 
 use crate::tree::{Node, Value};
 use crate::{
@@ -69,14 +70,13 @@ const LISTENER: Schema = Schema {
         "on_all_down",
         "slow_start",
         "drain_timeout",
-    ],
-    unsupported: &[
         "max_sessions",
         "on_max_sessions",
         "responses",
         "requests",
         "per_packet",
     ],
+    unsupported: &[],
 };
 
 const BACKEND: Schema = Schema {
@@ -326,11 +326,13 @@ impl Walker<'_> {
             on_all_down: sluice_balance::OnAllDown::Reject,
             slow_start: Duration::ZERO,
             drain_timeout: health::DRAIN_TIMEOUT_DEFAULT,
+            udp: crate::UdpSettings::default(),
             location: node.location,
         };
         let seen = self.listener_identity(&fields, path, &mut listener);
         self.listener_forwarding(&fields, path, &mut listener);
         self.listener_health(&fields, path, &mut listener);
+        self.listener_protocol_keys(&fields, path, &mut listener);
         Some((listener, seen))
     }
 
@@ -354,6 +356,9 @@ impl Walker<'_> {
             Some(node) => self.protocol(node, &format!("{path}.protocol")),
             None => Some(ProtocolName::Tcp),
         };
+        if protocol == Some(ProtocolName::Udp) {
+            listener.protocol = Protocol::Udp;
+        }
         let field = format!("{path}.bind");
         match fields.get("bind") {
             Some(bind) => {
@@ -421,14 +426,7 @@ impl Walker<'_> {
     fn protocol(&mut self, node: &Node, field: &str) -> Option<ProtocolName> {
         match self.choice(node, field, &["tcp", "udp"])? {
             "tcp" => Some(ProtocolName::Tcp),
-            _ => {
-                self.error(
-                    node.location,
-                    field,
-                    "udp is not yet supported (supported: tcp)",
-                );
-                Some(ProtocolName::Udp)
-            }
+            _ => Some(ProtocolName::Udp),
         }
     }
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use sluice_config::{
     ActiveCheck, Admin, Algorithm, BackendAddress, BackendSpec, Check, Config, ConfigError,
-    ConfigErrors, Expect, HashKey, Listener, Location, OnAllDown, OnMaxConnections, Passive,
-    PostgresRole, Protocol, RedisRole, Timeouts, Workers, load, parse,
+    ConfigErrors, Expect, HashKey, Listener, Location, OnAllDown, OnMaxConnections, OnMaxSessions,
+    Passive, PostgresRole, Protocol, RedisRole, Timeouts, UdpSettings, Workers, load, parse,
 };
 
 const FILE: &str = "sluice.yaml";
@@ -43,17 +43,17 @@ fn addr(text: &str) -> SocketAddr {
 }
 
 #[test]
-fn design_example_fails_only_on_what_is_not_yet_supported() {
+fn design_example_fails_only_on_keys_its_listener_cannot_have() {
     let path = fixture("design-example.yaml");
     let errors = load(&path)
-        .expect_err("the example uses keys not yet supported")
+        .expect_err("the example shows every key on one tcp round_robin listener")
         .0;
     let found: Vec<(usize, usize, &str)> = errors
         .iter()
         .map(|e| (e.line, e.column, e.field.as_str()))
         .collect();
-    // The example shows every key beside `algorithm: round_robin`, so the hashing settings are
-    // misplaced there; everything else it fails on is a capability not built yet.
+    // The example shows every key on one listener: the hashing settings are misplaced beside
+    // `algorithm: round_robin`, and the udp-only keys on a tcp listener.
     let expected = [
         (
             10,
@@ -73,23 +73,43 @@ fn design_example_fails_only_on_what_is_not_yet_supported() {
             "listeners[0].ring_hash",
             "ring_hash settings apply only to algorithm ring_hash, not round_robin",
         ),
-        (40, 5, "listeners[0].max_sessions", ""),
-        (41, 5, "listeners[0].on_max_sessions", ""),
-        (42, 5, "listeners[0].responses", ""),
-        (43, 5, "listeners[0].requests", ""),
-        (44, 5, "listeners[0].per_packet", ""),
+        (
+            40,
+            19,
+            "listeners[0].max_sessions",
+            "max_sessions applies only to protocol udp",
+        ),
+        (
+            41,
+            22,
+            "listeners[0].on_max_sessions",
+            "on_max_sessions applies only to protocol udp",
+        ),
+        (
+            42,
+            16,
+            "listeners[0].responses",
+            "responses applies only to protocol udp",
+        ),
+        (
+            43,
+            15,
+            "listeners[0].requests",
+            "requests applies only to protocol udp",
+        ),
+        (
+            44,
+            17,
+            "listeners[0].per_packet",
+            "per_packet applies only to protocol udp",
+        ),
     ];
     assert_eq!(
         found,
         expected.map(|(line, column, field, _)| (line, column, field))
     );
     for (error, (.., message)) in errors.iter().zip(expected) {
-        let key = error.field.rsplit('.').next().unwrap();
-        if message.is_empty() {
-            assert_eq!(error.message, format!("{key} is not yet supported"));
-        } else {
-            assert_eq!(error.message, message);
-        }
+        assert_eq!(error.message, message);
         assert_eq!(error.file, path);
     }
 }
@@ -120,9 +140,9 @@ fn design_example_with_maglev_loads_its_hashing_settings() {
     );
 }
 
-/// The design example without the keys of capabilities not built yet, nor the keys in `also`.
+/// The design example (a tcp listener) without its udp-only keys, nor the keys in `also`.
 fn example_without(text: &str, also: &[&str]) -> String {
-    let unsupported = [
+    let udp_only = [
         "max_sessions",
         "on_max_sessions",
         "responses",
@@ -132,7 +152,7 @@ fn example_without(text: &str, also: &[&str]) -> String {
     text.lines()
         .filter(|line| {
             let line = line.trim_start();
-            !unsupported
+            !udp_only
                 .iter()
                 .chain(also)
                 .any(|key| line.starts_with(&format!("{key}:")))
@@ -187,6 +207,50 @@ fn design_example_without_unsupported_keys_loads_with_its_values() {
     assert_eq!(redis.on_all_down, OnAllDown::Reject);
     assert_eq!(redis.slow_start, Duration::ZERO);
     assert_eq!(redis.drain_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn udp_listeners_read_their_session_keys_and_default_idle_to_60s() {
+    let yaml = "\
+listeners:
+  - name: dns
+    protocol: udp
+    bind: \"0.0.0.0:53\"
+    backends: [\"10.0.0.1:53\"]
+    max_sessions: 5000
+    on_max_sessions: evict_lru
+    responses: 1
+    requests: 0
+  - name: statsd
+    protocol: udp
+    bind: \"0.0.0.0:8125\"
+    backends: [\"10.0.0.2:8125\"]
+    per_packet: true
+    timeouts: { idle: 5s }
+  - name: dns-tcp
+    bind: \"0.0.0.0:53\"
+    backends: [\"10.0.0.1:53\"]
+";
+    let config = check(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let [dns, statsd, tcp] = &config.listeners[..] else {
+        panic!("three listeners");
+    };
+    assert_eq!(dns.protocol, Protocol::Udp);
+    assert_eq!(
+        dns.udp,
+        UdpSettings {
+            max_sessions: 5000,
+            on_max_sessions: OnMaxSessions::EvictLru,
+            responses: 1,
+            requests: 0,
+            per_packet: false,
+        }
+    );
+    assert_eq!(dns.timeouts.idle, Duration::from_secs(60));
+    assert!(statsd.udp.per_packet);
+    assert_eq!(statsd.timeouts.idle, Duration::from_secs(5));
+    assert_eq!(tcp.protocol, Protocol::Tcp);
+    assert_eq!(tcp.timeouts.idle, Duration::ZERO);
 }
 
 #[test]
@@ -312,6 +376,7 @@ listeners:
             on_all_down: OnAllDown::Reject,
             slow_start: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
+            udp: UdpSettings::default(),
             location: Location { line: 2, column: 5 },
         }],
     };
@@ -445,14 +510,21 @@ fn bad_configs_report_position_field_and_expectation() {
          &[(5, 11, "listeners[1].name", "duplicate listener name \"a\", already used at line 2")]),
         ("duplicate bind, naming the first listener", format!("{GOOD}  - name: b\n    bind: 0.0.0.0:1000\n    backends: [\"10.0.0.1:1\"]\n"),
          &[(6, 11, "listeners[1].bind", "tcp 0.0.0.0:1000 is already bound by listener \"a\" at line 2")]),
-        ("tcp and udp on one port are no duplicate, but udp is not yet supported",
-         format!("{GOOD}  - name: b\n    protocol: udp\n    bind: \"0.0.0.0:1000\"\n    backends: [\"10.0.0.1:1\"]\n"),
-         &[(6, 15, "listeners[1].protocol", "udp is not yet supported (supported: tcp)")]),
         ("two udp listeners on one port are duplicates",
          "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n  - name: b\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n".into(),
-         &[(3, 15, "listeners[0].protocol", "udp is not yet supported"),
-           (7, 15, "listeners[1].protocol", "udp is not yet supported"),
-           (8, 11, "listeners[1].bind", "udp 0.0.0.0:53 is already bound by listener \"a\" at line 2")]),
+         &[(8, 11, "listeners[1].bind", "udp 0.0.0.0:53 is already bound by listener \"a\" at line 2")]),
+        ("udp key on a tcp listener", format!("{GOOD}    responses: 1\n"),
+         &[(5, 16, "listeners[0].responses", "responses applies only to protocol udp")]),
+        ("tcp keys on a udp listener",
+         "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    max_connections: 5\n    timeouts: { half_close: 1s }\n".into(),
+         &[(6, 22, "listeners[0].max_connections", "max_connections applies only to protocol tcp"),
+           (7, 17, "listeners[0].timeouts.half_close", "timeouts.half_close applies only to protocol tcp")]),
+        ("per_packet with responses",
+         "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    per_packet: true\n    responses: 1\n".into(),
+         &[(7, 16, "listeners[0].responses", "responses has no effect with per_packet: true (no sessions)")]),
+        ("max_sessions 0",
+         "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    max_sessions: 0\n".into(),
+         &[(6, 19, "listeners[0].max_sessions", "must be between 1 and 10000000, found 0")]),
         ("unknown protocol", format!("{GOOD}    protocol: sctp\n"),
          &[(5, 15, "listeners[0].protocol", "unknown value \"sctp\", expected one of: tcp, udp")]),
         ("empty backends", "listeners:\n  - name: a\n    bind: \"0.0.0.0:1\"\n    backends: []\n".into(),

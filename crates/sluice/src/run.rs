@@ -51,9 +51,13 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         let t = &listener.timeouts;
         let _ = writeln!(
             out,
-            "listener {} tcp {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
+            "listener {} {} {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
              max_connections {}, on_max_connections {:?}, retries {}",
             listener.name,
+            match listener.protocol {
+                sluice_config::Protocol::Tcp => "tcp",
+                sluice_config::Protocol::Udp => "udp",
+            },
             listener.bind,
             listener.algorithm.name(),
             listener.backends.len(),
@@ -131,6 +135,21 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    // The config crate reads udp listeners; the data plane does not run them yet.
+    if let Some(udp) = resolved
+        .config
+        .listeners
+        .iter()
+        .find(|l| l.protocol == sluice_config::Protocol::Udp)
+    {
+        eprintln!(
+            "sluice: {}:{}: listener {}: protocol udp is not served by this build yet",
+            path.display(),
+            udp.location.line,
+            udp.name
+        );
+        return ExitCode::from(exit::USAGE);
+    }
     let mut health = match crate::health::Manager::new(&resolved) {
         Ok(health) => health,
         Err(message) => {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that Sluice's tests and benchmarks drive: real servers and clients
-# (redis-server, redis-benchmark, PostgreSQL for the health probes, iperf3, socat) and the balancers
-# we compare against (HAProxy, nginx with its stream module). Idempotent; needs root (or sudo).
+# (redis-server, redis-benchmark, PostgreSQL for the health probes, dnsmasq, dig and dnsperf for
+# UDP, iperf3, socat) and the balancers we compare against (HAProxy, nginx with its stream
+# module). Idempotent; needs root (or sudo).
 set -euo pipefail
-pkgs=(redis-server redis-tools postgresql iperf3 socat haproxy nginx-light libnginx-mod-stream procps iproute2 curl python3)
+pkgs=(redis-server redis-tools postgresql dnsmasq bind9-dnsutils dnsperf iperf3 socat haproxy nginx-light libnginx-mod-stream procps iproute2 curl python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 # The packages start their services on install; the tests start their own instances.
-for svc in redis-server postgresql nginx haproxy; do
+for svc in redis-server postgresql dnsmasq nginx haproxy; do
   $sudo systemctl stop "$svc" 2>/dev/null || $sudo service "$svc" stop 2>/dev/null || true
 done
 echo "install-deps: installed ${missing[*]}"

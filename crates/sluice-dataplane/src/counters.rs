@@ -66,6 +66,75 @@ pub struct ListenerCounters {
     pub closed: [Counter; CloseKind::ALL.len()],
     /// Indexed by backend id (the listener's backend list at start).
     pub backends: Vec<BackendCounters>,
+    /// A udp listener's datagrams and sessions (zero for tcp).
+    pub udp: UdpCounters,
+}
+
+/// Why a udp listener dropped a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// No backend could take a new session.
+    NoBackend,
+    /// The worker's session table was full (`on_max_sessions: drop`).
+    SessionsFull,
+    /// Longer than the datagram buffers: never forwarded cut.
+    Truncated,
+    /// The kernel refused to send it (buffer full, unreachable).
+    SendFailed,
+    /// A reply on a shared `per_packet` socket, which no session claims.
+    Unclaimed,
+    /// A socket toward the backend could not be created.
+    Socket,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 6] = [
+        UdpDrop::NoBackend,
+        UdpDrop::SessionsFull,
+        UdpDrop::Truncated,
+        UdpDrop::SendFailed,
+        UdpDrop::Unclaimed,
+        UdpDrop::Socket,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UdpDrop::NoBackend => "no_backend",
+            UdpDrop::SessionsFull => "sessions_full",
+            UdpDrop::Truncated => "truncated",
+            UdpDrop::SendFailed => "send_failed",
+            UdpDrop::Unclaimed => "unclaimed",
+            UdpDrop::Socket => "socket",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One udp listener, as seen by one worker.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    /// Datagrams and bytes from clients, forwarded to backends.
+    pub datagrams_to_backend: Counter,
+    pub bytes_to_backend: Counter,
+    /// Datagrams and bytes from backends, forwarded to clients.
+    pub datagrams_to_client: Counter,
+    pub bytes_to_client: Counter,
+    /// Sessions in the worker's table now (a gauge).
+    pub sessions_active: Counter,
+    pub sessions_created: Counter,
+    /// Ended by `timeouts.idle`.
+    pub sessions_expired: Counter,
+    /// Ended to make room (`on_max_sessions: evict_lru`).
+    pub sessions_evicted: Counter,
+    /// Ended otherwise: `responses`/`requests` reached, backend down or drained, ICMP error,
+    /// shutdown.
+    pub sessions_closed: Counter,
+    /// Indexed by [`UdpDrop::index`].
+    pub dropped: [Counter; UdpDrop::ALL.len()],
 }
 
 impl ListenerCounters {
@@ -78,6 +147,7 @@ impl ListenerCounters {
             accept_fd_exhausted: Counter::default(),
             closed: Default::default(),
             backends: (0..backends).map(|_| BackendCounters::default()).collect(),
+            udp: UdpCounters::default(),
         }
     }
 }

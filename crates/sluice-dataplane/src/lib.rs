@@ -27,7 +27,9 @@ use std::time::Duration;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use sluice_balance::{BackendLoad, SnapshotCell};
 
-pub use counters::{BackendCounters, Counter, ListenerCounters, WorkerCounters};
+pub use counters::{
+    BackendCounters, Counter, ListenerCounters, UdpCounters, UdpDrop, WorkerCounters,
+};
 pub use sluice_conn::{CloseKind, Limits};
 pub use sockets::{connections_for_budget, pipes_for_budget, raise_fd_limit};
 pub use worker::RESET_LINGER;
@@ -54,9 +56,28 @@ pub struct ListenerPlan {
     /// honoured as written, even past the budget (accept then meets EMFILE and backs off).
     pub within_fd_budget: bool,
     pub on_max_connections: OnMaxConnections,
+    /// A udp listener's sessions; `None` for tcp.
+    pub udp: Option<UdpPlan>,
     /// How many distinct backends this listener may ever have (its per-worker counters are
     /// allocated for them at start; a reload may add backends up to it).
     pub backends_max: usize,
+}
+
+/// What a udp listener does with sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpPlan {
+    /// Sessions across workers (each worker gets its share).
+    pub max_sessions: u32,
+    /// Beyond the share: end the least recently active session (else drop the datagram).
+    pub evict_lru: bool,
+    /// End a session after this many replies; 0 = unlimited.
+    pub responses: u32,
+    /// End a session after this many requests; 0 = unlimited.
+    pub requests: u32,
+    /// Balance every datagram on its own.
+    pub per_packet: bool,
+    /// A session idle this long ends; zero = never.
+    pub idle_timeout: Duration,
 }
 
 /// What a worker saw of a backend, for passive health.

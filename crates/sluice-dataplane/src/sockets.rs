@@ -24,6 +24,38 @@ pub(crate) fn listener(bind: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// A worker's SO_REUSEPORT udp socket for a listener, non-blocking, reporting each datagram's
+/// destination address (IP_PKTINFO / IPV6_RECVPKTINFO) so that replies leave from it.
+pub(crate) fn udp_listener(bind: SocketAddr) -> io::Result<Socket> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = Socket::new(
+        Domain::for_address(bind),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if bind.is_ipv4() {
+        setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+    } else {
+        setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?;
+    }
+    socket.bind(&bind.into())?;
+    Ok(socket)
+}
+
+/// A udp socket connected to a backend, non-blocking: the kernel then delivers only that
+/// backend's replies to it, and an ICMP error comes back as a receive error.
+pub(crate) fn udp_backend_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        Some(Protocol::UDP),
+    )?;
+    socket.connect(&addr.into())?;
+    Ok(socket)
+}
+
 /// A socket toward a backend, not yet connected.
 pub(crate) fn backend_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(

@@ -15,8 +15,10 @@ use sluice_balance::{ActiveGuard, BackendId, ClientAddr, Picker, Snapshot};
 use sluice_conn::{
     Action, CloseKind, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side,
 };
-use sluice_uring::{Completion, Uring};
+use sluice_uring::{Completion, DATAGRAM_OP, Uring};
 use socket2::{SockRef, Socket};
+
+mod udp;
 
 use crate::counters::WorkerCounters;
 use crate::pipes::{PipeId, PipePool, Spliced};
@@ -154,6 +156,8 @@ struct Listening {
     paused_until: Option<Instant>,
     /// Stopped because `max_connections` was reached (queue mode).
     capped: bool,
+    /// A udp listener (served by `udp.rs`): never accepts.
+    udp: bool,
 }
 
 /// One proxied connection: its state machine and its sockets.
@@ -207,6 +211,13 @@ struct Worker {
     pipes: PipePool,
     phase: u8,
     completions: Vec<Completion>,
+    /// Per listener (config order): the udp listener's sessions, `None` for tcp listeners.
+    udp: Vec<Option<udp::UdpListener>>,
+    udp_ops: udp::UdpOps,
+    /// A listener receive stopped because the datagram pool was empty.
+    udp_starved: bool,
+    /// A listener receive failed: re-arm at this time.
+    udp_rearm_at: Option<Instant>,
 }
 
 /// The thread body: set up, report readiness, run until drained or closed.
@@ -254,17 +265,42 @@ impl Worker {
             tracing::info!(features = ?ring.features(), "io_uring ready");
         }
         let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut udp = Vec::with_capacity(config.listeners.len());
         for (i, plan) in config.listeners.iter().enumerate() {
-            let socket = sockets::listener(plan.bind).map_err(|e| StartError::Os {
+            let binding = |e| StartError::Os {
                 context: format!("listener {:?}: binding {}", plan.name, plan.bind),
                 source: e,
-            })?;
+            };
+            if let Some(udp_plan) = plan.udp {
+                ring.enable_datagrams(
+                    udp::DATAGRAM_BUFFERS,
+                    udp::DATAGRAM_BUFFER_SIZE,
+                    u32::from(udp::DATAGRAM_BUFFERS) / 4,
+                )?;
+                let socket = sockets::udp_listener(plan.bind).map_err(binding)?;
+                let capacity = udp::table_capacity(&udp_plan, config.workers, index);
+                let clone = socket.try_clone().map_err(binding)?;
+                udp.push(Some(udp::UdpListener::new(
+                    clone, plan.bind, udp_plan, capacity,
+                )));
+                listeners.push(Listening {
+                    socket,
+                    armed: false,
+                    paused_until: None,
+                    capped: false,
+                    udp: true,
+                });
+                continue;
+            }
+            let socket = sockets::listener(plan.bind).map_err(binding)?;
             ring.accept_multi(socket.as_raw_fd(), user_data(Op::Accept, i as u32));
+            udp.push(None);
             listeners.push(Listening {
                 socket,
                 armed: true,
                 paused_until: None,
                 capped: false,
+                udp: false,
             });
         }
         ring.poll_in_multi(waker.as_fd().as_raw_fd(), user_data(Op::Wake, 0));
@@ -290,6 +326,16 @@ impl Worker {
             pipes,
             phase: crate::RUNNING,
             completions: Vec::with_capacity(RING_ENTRIES as usize),
+            udp,
+            udp_ops: udp::UdpOps::default(),
+            udp_starved: false,
+            udp_rearm_at: None,
+        })
+        .map(|mut worker| {
+            for listener in 0..worker.udp.len() {
+                worker.arm_udp_listener(listener);
+            }
+            worker
         })
     }
 
@@ -308,7 +354,9 @@ impl Worker {
             self.counters.pipes_leased.set(self.pipes.leased() as u64);
             self.counters.pipes_shrunk.set(self.pipes.shrunk);
             self.fire_timers(now);
+            self.expire_udp(now);
             self.feed_buffer_waiters(now);
+            self.feed_udp(now);
             self.adopt_snapshot(now);
             self.follow_phase(now);
             self.serve_queued(now);
@@ -336,12 +384,22 @@ impl Worker {
         if !self.queued.is_empty() {
             until = until.min(now + CAP_RECHECK);
         }
+        for at in [self.udp_next_expiry(), self.udp_rearm_at]
+            .into_iter()
+            .flatten()
+        {
+            until = until.min(at);
+        }
         until
             .saturating_duration_since(now)
             .max(Duration::from_micros(100))
     }
 
     fn complete(&mut self, c: Completion, now: Instant) {
+        if c.user_data & DATAGRAM_OP != 0 {
+            self.udp_completed(c, now);
+            return;
+        }
         let (op, index) = decode(c.user_data);
         match op {
             Some(Op::Accept) => self.accepted(index as usize, c, now),
@@ -980,6 +1038,9 @@ impl Worker {
         }
         let total = self.shared.total_active.load(Ordering::Relaxed);
         for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.udp {
+                continue;
+            }
             if l.paused_until.is_some_and(|t| now >= t) {
                 l.paused_until = None;
             }
@@ -1067,10 +1128,13 @@ impl Worker {
         }
         if phase >= DRAINING && self.phase < DRAINING {
             for i in 0..self.listeners.len() {
-                if self.listeners[i].armed {
+                if self.listeners[i].armed && !self.listeners[i].udp {
                     self.cancel_accept(i);
                 }
             }
+            // UDP sessions never delay shutdown.
+            self.phase = phase;
+            self.close_udp();
         }
         if phase >= CLOSING {
             for index in 0..self.slots.len() as u32 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use sluice_balance::SnapshotCell;
-use sluice_dataplane::{CloseKind, DataPlane};
+use sluice_dataplane::{CloseKind, DataPlane, UdpCounters, UdpDrop};
 use sluice_health::State;
 
 use crate::health::{BackendView, HealthView};
@@ -28,6 +28,8 @@ pub(crate) struct MetricsView {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     listeners: Vec<String>,
+    /// Per listener: whether it is a udp listener (its session metrics are rendered).
+    udp: Vec<bool>,
 }
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
@@ -38,6 +40,7 @@ impl MetricsView {
         snapshots: Arc<SnapshotCell>,
         health: HealthView,
         listeners: Vec<String>,
+        udp: Vec<bool>,
     ) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
@@ -48,6 +51,7 @@ impl MetricsView {
             recorder,
             handle,
             listeners,
+            udp,
         };
         view.describe();
         view
@@ -127,6 +131,38 @@ impl MetricsView {
                 .into(),
         );
         d(
+            "sluice_udp_datagrams_total",
+            None,
+            "Datagrams forwarded by a udp listener, by direction (to_backend, to_client).",
+        );
+        d(
+            "sluice_udp_bytes_total",
+            Some(Unit::Bytes),
+            "Payload bytes forwarded by a udp listener, by direction.",
+        );
+        d(
+            "sluice_udp_sessions_created_total",
+            None,
+            "Udp sessions created.",
+        );
+        d(
+            "sluice_udp_sessions_ended_total",
+            None,
+            "Udp sessions ended, by reason (expired: idle timeout; evicted: table full with \
+             evict_lru; closed: responses/requests reached, backend down or drained, ICMP error, \
+             shutdown).",
+        );
+        d(
+            "sluice_udp_dropped_total",
+            None,
+            "Datagrams a udp listener dropped, by reason.",
+        );
+        self.recorder.describe_gauge(
+            "sluice_udp_sessions_active".into(),
+            None,
+            "Udp sessions open now.".into(),
+        );
+        d(
             "sluice_backend_ejections_total",
             None,
             "Passive ejections of a backend.",
@@ -194,6 +230,10 @@ impl MetricsView {
             };
             self.counter("sluice_connections_accepted_total", listener())
                 .absolute(sum(&|l| l.accepted.get()));
+            if self.udp.get(li).copied().unwrap_or(false) {
+                let udp: Vec<&UdpCounters> = workers.iter().map(|w| &w.listeners[li].udp).collect();
+                self.render_udp(&listener, &udp);
+            }
             if let Some(balance) = snapshot.listeners.get(li) {
                 let mut labels = listener();
                 labels.push(Label::new("algorithm", balance.algorithm.name()));
@@ -251,6 +291,50 @@ impl MetricsView {
             }
         }
         self.handle.render()
+    }
+
+    /// A udp listener's datagrams, sessions and drops, summed over `workers` (each worker's
+    /// counters of that listener).
+    fn render_udp(&self, listener: &dyn Fn() -> Vec<Label>, workers: &[&UdpCounters]) {
+        let sum = |f: &dyn Fn(&UdpCounters) -> u64| -> u64 { workers.iter().map(|u| f(u)).sum() };
+        let with = |key: &'static str, value: &'static str| {
+            let mut labels = listener();
+            labels.push(Label::new(key, value));
+            labels
+        };
+        for (direction, datagrams, bytes) in [
+            (
+                "to_backend",
+                sum(&|u| u.datagrams_to_backend.get()),
+                sum(&|u| u.bytes_to_backend.get()),
+            ),
+            (
+                "to_client",
+                sum(&|u| u.datagrams_to_client.get()),
+                sum(&|u| u.bytes_to_client.get()),
+            ),
+        ] {
+            self.counter("sluice_udp_datagrams_total", with("direction", direction))
+                .absolute(datagrams);
+            self.counter("sluice_udp_bytes_total", with("direction", direction))
+                .absolute(bytes);
+        }
+        self.gauge("sluice_udp_sessions_active", listener())
+            .set(sum(&|u| u.sessions_active.get()) as f64);
+        self.counter("sluice_udp_sessions_created_total", listener())
+            .absolute(sum(&|u| u.sessions_created.get()));
+        for (reason, value) in [
+            ("expired", sum(&|u| u.sessions_expired.get())),
+            ("evicted", sum(&|u| u.sessions_evicted.get())),
+            ("closed", sum(&|u| u.sessions_closed.get())),
+        ] {
+            self.counter("sluice_udp_sessions_ended_total", with("reason", reason))
+                .absolute(value);
+        }
+        for reason in UdpDrop::ALL {
+            self.counter("sluice_udp_dropped_total", with("reason", reason.as_str()))
+                .absolute(sum(&|u| u.dropped[reason.index()].get()));
+        }
     }
 
     fn render_health(&self, view: &BackendView, labels: &dyn Fn() -> Vec<Label>) {

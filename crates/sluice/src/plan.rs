@@ -6,7 +6,9 @@ use std::path::Path;
 
 use sluice_balance::{Backend, BackendId, ListenerBackends, Snapshot};
 use sluice_config::{BackendAddress, Config, ConfigError, ConfigErrors, Workers};
-use sluice_dataplane::{Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER};
+use sluice_dataplane::{
+    Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER, UdpPlan,
+};
 
 /// A config with every hostname resolved.
 #[derive(Debug)]
@@ -122,8 +124,30 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
                 sluice_config::OnMaxConnections::Reject => OnMaxConnections::Reject,
             },
             backends_max: backends_max(l.backends.len()),
+            udp: (l.protocol == sluice_config::Protocol::Udp).then_some(UdpPlan {
+                max_sessions: l.udp.max_sessions,
+                evict_lru: l.udp.on_max_sessions == sluice_config::OnMaxSessions::EvictLru,
+                responses: l.udp.responses,
+                requests: l.udp.requests,
+                per_packet: l.udp.per_packet,
+                idle_timeout: l.timeouts.idle,
+            }),
         })
         .collect();
+    for l in &config.listeners {
+        if l.protocol == sluice_config::Protocol::Udp
+            && !l.udp.per_packet
+            && (l.udp.max_sessions as usize) < workers
+        {
+            tracing::warn!(
+                listener = %l.name,
+                max_sessions = l.udp.max_sessions,
+                workers,
+                "max_sessions is split across workers and is below their number: some workers \
+                 get no session and drop their clients' datagrams; raise max_sessions"
+            );
+        }
+    }
     let explicit: u64 = config
         .listeners
         .iter()

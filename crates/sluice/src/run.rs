@@ -135,21 +135,6 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    // The config crate reads udp listeners; the data plane does not run them yet.
-    if let Some(udp) = resolved
-        .config
-        .listeners
-        .iter()
-        .find(|l| l.protocol == sluice_config::Protocol::Udp)
-    {
-        eprintln!(
-            "sluice: {}:{}: listener {}: protocol udp is not served by this build yet",
-            path.display(),
-            udp.location.line,
-            udp.name
-        );
-        return ExitCode::from(exit::USAGE);
-    }
     let mut health = match crate::health::Manager::new(&resolved) {
         Ok(health) => health,
         Err(message) => {
@@ -211,11 +196,17 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         tokio::spawn(reload_on_sighup(hup, path.to_owned(), reloads));
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
+            let udp = config
+                .listeners
+                .iter()
+                .map(|l| l.protocol == sluice_config::Protocol::Udp)
+                .collect();
             let view = crate::metrics_render::MetricsView::new(
                 plane.clone(),
                 snapshots,
                 health_view,
                 names,
+                udp,
             );
             if let Err(e) = crate::admin::serve(admin.bind, view).await {
                 eprintln!("sluice: admin endpoint {}: {e}", admin.bind);

@@ -94,28 +94,3 @@ fn usage_errors_exit_64_and_version_exits_0() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
-
-/// A udp listener is read by the config but not served yet: `run` refuses it with 64 and its
-/// line, rather than running it as tcp; `check` accepts it.
-#[test]
-fn udp_listener_is_refused_by_run_with_64_and_its_line() {
-    let path = config("127.0.0.1:0");
-    let yaml = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("  - name: x\n", "  - name: x\n    protocol: udp\n");
-    std::fs::write(&path, yaml).unwrap();
-    let mut run = Command::new(sluice());
-    run.args(["run", "-c"]).arg(&path);
-    let out = run_bounded(run);
-    assert_eq!(out.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains(&format!("{}:3: listener x: protocol udp", path.display())),
-        "{stderr}"
-    );
-    let mut check = Command::new(sluice());
-    check.args(["check", "-c"]).arg(&path);
-    let out = run_bounded(check);
-    assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("listener x udp 127.0.0.1:0"));
-}

@@ -12,6 +12,8 @@
 //!   killed on drop; [`check_config`] and [`run_with_timeout`] for one-shot commands.
 //! - [`scrape_metrics`]: the admin endpoint's Prometheus text as a map keyed by [`series`].
 //! - [`free_addr`] and friends: loopback ports for tests running in parallel.
+//! - [`UdpEchoPool`]: UDP echo backends that prefix each reply with their name and count what
+//!   they receive; a backend can be killed (ICMP port unreachable) and restarted on its address.
 //!
 //! What it does not do: it knows nothing of Sluice's crates (it drives the binary from outside,
 //! as a user would), and it never waits without a bound: every wait and loop here has a deadline.
@@ -26,6 +28,7 @@ mod postgres;
 mod process;
 mod redis;
 mod tcp;
+mod udp;
 
 pub use addr::{free_addr, free_addr_v6, free_port, ipv6_loopback_available, refusing_addr};
 pub use client::{
@@ -44,3 +47,4 @@ pub use process::{
 };
 pub use redis::{RedisServer, Reply, read_reply, redis_command, require_installed, write_command};
 pub use tcp::{reset, send_queue, wait_acknowledged};
+pub use udp::{UdpEcho, UdpEchoPool, split_echo_reply};

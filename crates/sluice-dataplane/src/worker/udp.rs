@@ -398,6 +398,14 @@ impl Worker {
             let id = session.id();
             self.close_session(listener, id);
         }
+        // A full table under `drop` refuses the flow: find out before making a socket.
+        if let Some(Some(l)) = self.udp.get(listener)
+            && !l.plan.evict_lru
+            && l.table.len() >= l.table.capacity()
+        {
+            self.udp_counters(listener).dropped[UdpDrop::SessionsFull.index()].add(1);
+            return None;
+        }
         let peer = self.new_peer(listener, key.client())?;
         let fd = peer.socket.as_raw_fd();
         let l = self.udp.get_mut(listener)?.as_mut()?;
@@ -664,11 +672,14 @@ impl Worker {
         let Peer {
             socket, recv_op, ..
         } = peer;
-        let fd = socket.as_raw_fd();
-        match recv_op.and_then(|op| self.udp_ops.get_mut(op)) {
-            Some(UdpOp::SessionRecv { closed, .. }) => {
+        match recv_op.and_then(|op| self.udp_ops.get_mut(op).map(|entry| (op, entry))) {
+            Some((op, UdpOp::SessionRecv { closed, .. })) => {
                 *closed = Some(socket);
-                self.ring.cancel_fd(fd, user_data(Op::Cancel, 0));
+                // By the receive's own user data, which the kernel finds directly: a cancel by
+                // fd scans every armed request, which made each session end cost in proportion
+                // to the sessions open (found by the 100k-flow eviction test).
+                self.ring
+                    .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
             }
             // No receive in flight: nothing can refer to the fd any more.
             _ => drop(socket),
@@ -746,11 +757,11 @@ impl Worker {
             }
             for s in shared {
                 let SharedSocket { socket, recv_op } = s;
-                let fd = socket.as_raw_fd();
-                match recv_op.and_then(|op| self.udp_ops.get_mut(op)) {
-                    Some(UdpOp::SharedRecv { closed, .. }) => {
+                match recv_op.and_then(|op| self.udp_ops.get_mut(op).map(|entry| (op, entry))) {
+                    Some((op, UdpOp::SharedRecv { closed, .. })) => {
                         *closed = Some(socket);
-                        self.ring.cancel_fd(fd, user_data(Op::Cancel, 0));
+                        self.ring
+                            .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
                     }
                     _ => drop(socket),
                 }

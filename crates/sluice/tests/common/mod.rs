@@ -25,6 +25,8 @@ pub struct Listener {
     pub name: String,
     /// `bind`.
     pub bind: SocketAddr,
+    /// `protocol`: `tcp` or `udp`.
+    pub protocol: String,
     /// Backends in the short form.
     pub backends: Vec<SocketAddr>,
     /// `algorithm`.
@@ -41,6 +43,7 @@ impl Listener {
         Self {
             name: name.to_owned(),
             bind: free_addr(),
+            protocol: "tcp".to_owned(),
             backends: backends.to_vec(),
             algorithm: "round_robin".to_owned(),
             weights: Vec::new(),
@@ -51,6 +54,12 @@ impl Listener {
     /// Adds one `key: value` line to the listener.
     pub fn with(mut self, line: &str) -> Self {
         self.extra.push(line.to_owned());
+        self
+    }
+
+    /// Speaks `protocol` (`udp`) instead of tcp.
+    pub fn protocol(mut self, protocol: &str) -> Self {
+        self.protocol = protocol.to_owned();
         self
     }
 
@@ -92,8 +101,8 @@ pub fn config(
     for listener in listeners {
         writeln!(
             yaml,
-            "  - name: {}\n    protocol: tcp\n    bind: \"{}\"",
-            listener.name, listener.bind
+            "  - name: {}\n    protocol: {}\n    bind: \"{}\"",
+            listener.name, listener.protocol, listener.bind
         )
         .unwrap();
         writeln!(yaml, "    algorithm: {}\n    backends:", listener.algorithm).unwrap();

@@ -36,6 +36,8 @@ with_workers_1_and_2!(
     a_full_table_evicts_exactly_the_overflow,
     an_idle_session_expires_and_the_client_gets_a_new_one,
     per_packet_alternates_backends_and_drops_replies,
+    open_sessions_never_delay_shutdown,
+    ipv6_and_ipv4_clients_of_a_dual_stack_bind_get_replies_from_where_they_sent,
 );
 
 /// How long a reply may take when none is expected to be lost.
@@ -937,5 +939,63 @@ fn expect(sluice: &Sluice, admin: SocketAddr, key: &str, expected: f64) {
         Some(expected),
         "{key}\n--- sluice stderr ---\n{}",
         sluice.stderr_text()
+    );
+}
+
+/// SIGTERM with udp sessions open: Sluice exits at once (no connection to wait for), with 0.
+fn open_sessions_never_delay_shutdown(workers: usize) {
+    let pool = UdpEchoPool::start(1);
+    let listener = udp("bye", &pool.addrs());
+    let proxy = listener.bind;
+    let (mut sluice, admin) = start(workers, &[listener]);
+    let clients: Vec<UdpSocket> = (1..=8)
+        .map(|i| client(Ipv4Addr::new(127, 254, 9, i)))
+        .collect();
+    for c in &clients {
+        exchange(c, proxy, b"hello").expect("an echo before shutdown");
+    }
+    expect(
+        &sluice,
+        admin,
+        &udp_series("sluice_udp_sessions_active", "bye", None),
+        8.0,
+    );
+    let asked = Instant::now();
+    let status = sluice
+        .terminate(Duration::from_secs(5))
+        .expect("exits within 5 s with sessions open");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "shutdown waited {:?} for udp sessions",
+        asked.elapsed()
+    );
+}
+
+/// A listener on `[::]` serves IPv6 clients and, through the dual-stack socket, IPv4 ones;
+/// each reply comes from the address its client sent to.
+fn ipv6_and_ipv4_clients_of_a_dual_stack_bind_get_replies_from_where_they_sent(workers: usize) {
+    if !sluice_testkit::ipv6_loopback_available() {
+        panic!("::1 is not configured: the IPv6 tests need a loopback with IPv6");
+    }
+    let backend =
+        UdpEcho::start_on("[::1]:0".parse().unwrap(), "backend-0").expect("an IPv6 echo backend");
+    let port = UdpSocket::bind("[::1]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listener = udp("dual", &[backend.addr()]).bind(SocketAddr::from(([0u16; 8], port)));
+    let (_sluice, _admin) = start(workers, &[listener]);
+    let v6 = UdpSocket::bind("[::1]:0").unwrap();
+    let to6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let reply = exchange(&v6, to6, b"over six").expect("an IPv6 echo");
+    assert_eq!(reply.from, to6);
+    let v4 = client(Ipv4Addr::new(127, 254, 10, 1));
+    let to4: SocketAddr = format!("127.0.0.9:{port}").parse().unwrap();
+    let reply = exchange(&v4, to4, b"over four").expect("an IPv4 echo through [::]");
+    assert_eq!(
+        reply.from, to4,
+        "the reply leaves from the IPv4 address the client used"
     );
 }

@@ -37,6 +37,7 @@ with_workers_1_and_2!(
     an_idle_session_expires_and_the_client_gets_a_new_one,
     per_packet_alternates_backends_and_drops_replies,
     open_sessions_never_delay_shutdown,
+    sessions_of_a_removed_backend_move_on_their_next_datagram,
     ipv6_and_ipv4_clients_of_a_dual_stack_bind_get_replies_from_where_they_sent,
 );
 
@@ -998,4 +999,50 @@ fn ipv6_and_ipv4_clients_of_a_dual_stack_bind_get_replies_from_where_they_sent(w
         reply.from, to4,
         "the reply leaves from the IPv4 address the client used"
     );
+}
+
+/// A reload removes a backend: its sessions move to a live backend on their next datagram,
+/// without losing one, rather than staying pinned until they expire.
+fn sessions_of_a_removed_backend_move_on_their_next_datagram(workers: usize) {
+    let pool = UdpEchoPool::start(2);
+    let listener = udp("moving", &pool.addrs());
+    let proxy = listener.bind;
+    let admin = free_addr();
+    let sluice = Sluice::start(
+        binary(),
+        &config(workers, Some(admin), &[], std::slice::from_ref(&listener)),
+    );
+    let clients: Vec<UdpSocket> = (1..=12)
+        .map(|i| client(Ipv4Addr::new(127, 254, 11, i)))
+        .collect();
+    let before: Vec<String> = clients
+        .iter()
+        .map(|c| served_by(&sluice, c, proxy, 2))
+        .collect();
+    assert!(before.iter().any(|b| b == "backend-1"), "{before:?}");
+    // The same listener with backend-1 removed.
+    let kept = udp("moving", &pool.addrs()[..1]).bind(proxy);
+    let path = sluice.config_path().expect("a config file");
+    std::fs::write(path, config(workers, Some(admin), &[], &[kept])).unwrap();
+    sluice.signal(sluice_testkit::Signal::SIGHUP);
+    let deadline = Instant::now() + METRIC_TIMEOUT;
+    while !sluice.stderr_text().contains("reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload:\n{}",
+            sluice.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the workers adopt the new snapshot.
+    std::thread::sleep(Duration::from_millis(200));
+    for (c, was) in clients.iter().zip(&before) {
+        let reply = exchange(c, proxy, b"after the reload").expect("no datagram lost");
+        assert_eq!(
+            reply.backend, "backend-0",
+            "a client of {was} stayed pinned"
+        );
+    }
+    let moved = before.iter().filter(|b| *b == "backend-1").count() as f64;
+    expect(&sluice, admin, &ended("moving", "closed"), moved);
 }

@@ -77,6 +77,19 @@ enum Op {
 }
 
 impl Op {
+    /// Every operation a connection may have in flight (at most one of each).
+    const CANCELLABLE: [Op; 9] = [
+        Op::RecvClient,
+        Op::RecvBackend,
+        Op::SendClient,
+        Op::SendBackend,
+        Op::Connect,
+        Op::PollInClient,
+        Op::PollInBackend,
+        Op::PollOutClient,
+        Op::PollOutBackend,
+    ];
+
     fn from_u8(v: u8) -> Option<Op> {
         Some(match v {
             1 => Op::Accept,
@@ -758,11 +771,14 @@ impl Worker {
                 }
                 slot.closing = Some(reason);
                 if slot.in_flight > 0 {
-                    let client = slot.client.as_raw_fd();
-                    let backend = slot.backend.as_ref().map(AsRawFd::as_raw_fd);
-                    self.ring.cancel_fd(client, user_data(Op::Cancel, index));
-                    if let Some(fd) = backend {
-                        self.ring.cancel_fd(fd, user_data(Op::Cancel, index));
+                    // Each operation a connection can have in flight, by its own user data:
+                    // the kernel finds it directly, where a cancel by fd scans every armed
+                    // request of the ring (quadratic when thousands of connections close at
+                    // once: 6000 idle timeouts cost 5 s of CPU). One that is not in flight
+                    // completes with ENOENT, ignored like every cancel's own completion.
+                    for op in Op::CANCELLABLE {
+                        self.ring
+                            .cancel(user_data(op, index), user_data(Op::Cancel, index));
                     }
                 }
             }

@@ -66,6 +66,15 @@ pub(super) struct SharedSocket {
     recv_op: Option<u32>,
 }
 
+/// A received datagram, as far as forwarding it needs: where it came from and went to, and where
+/// its payload lies in its buffer.
+struct Received {
+    source: SocketAddr,
+    local: Option<std::net::IpAddr>,
+    offset: u32,
+    len: u32,
+}
+
 /// What one datagram operation is.
 enum UdpOp {
     ListenerRecv {
@@ -320,6 +329,32 @@ impl Worker {
         }
     }
 
+    /// The datagram a `recvmsg` left in `buf` (`len` bytes); `None` (the buffer recycled, a
+    /// truncated datagram counted) when there is nothing to forward.
+    fn received(&mut self, listener: usize, buf: u16, len: u32) -> Option<Received> {
+        let parsed = self.ring.datagram(buf, len).map(|d| {
+            let received = Received {
+                source: d.source,
+                local: d.local,
+                offset: d.payload_offset,
+                len: d.payload.len() as u32,
+            };
+            (received, d.truncated)
+        });
+        match parsed {
+            Some((received, false)) => Some(received),
+            Some((_, true)) => {
+                self.ring.recycle_datagram(buf);
+                self.udp_counters(listener).dropped[UdpDrop::Truncated.index()].add(1);
+                None
+            }
+            None => {
+                self.ring.recycle_datagram(buf);
+                None
+            }
+        }
+    }
+
     fn udp_counters(&self, listener: usize) -> &UdpCounters {
         &self.counters.listeners[listener].udp
     }
@@ -329,25 +364,15 @@ impl Worker {
         let Some(buf) = c.buffer() else {
             return;
         };
-        let Some((source, local, offset, len, truncated)) =
-            self.ring.datagram(buf, c.result.max(0) as u32).map(|d| {
-                (
-                    d.source,
-                    d.local,
-                    d.payload_offset,
-                    d.payload.len() as u32,
-                    d.truncated,
-                )
-            })
-        else {
-            self.ring.recycle_datagram(buf);
+        let Some(received) = self.received(listener, buf, c.result.max(0) as u32) else {
             return;
         };
-        if truncated {
-            self.ring.recycle_datagram(buf);
-            self.udp_counters(listener).dropped[UdpDrop::Truncated.index()].add(1);
-            return;
-        }
+        let Received {
+            source,
+            local,
+            offset,
+            len,
+        } = received;
         let Some(Some(l)) = self.udp.get(listener) else {
             self.ring.recycle_datagram(buf);
             return;
@@ -613,19 +638,14 @@ impl Worker {
 
     /// Relays a backend's reply to the session's client, from the address the client sent to.
     fn relay_to_client(&mut self, listener: usize, flow: FlowId, buf: u16, len: u32, now: Instant) {
-        let Some((offset, payload_len, truncated)) = self
-            .ring
-            .datagram(buf, len)
-            .map(|d| (d.payload_offset, d.payload.len() as u32, d.truncated))
+        let Some(Received {
+            offset,
+            len: payload_len,
+            ..
+        }) = self.received(listener, buf, len)
         else {
-            self.ring.recycle_datagram(buf);
             return;
         };
-        if truncated {
-            self.ring.recycle_datagram(buf);
-            self.udp_counters(listener).dropped[UdpDrop::Truncated.index()].add(1);
-            return;
-        }
         let Some(Some(l)) = self.udp.get_mut(listener) else {
             self.ring.recycle_datagram(buf);
             return;

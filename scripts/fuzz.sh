@@ -30,7 +30,8 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
   -Cllvm-args=-sanitizer-coverage-trace-compares \
   -Cllvm-args=-sanitizer-coverage-stack-depth \
   ${RUSTFLAGS:-}"
-cargo build --manifest-path fuzz/Cargo.toml --locked --release --target "$triple" --bins
+# Its own target dir, whatever CARGO_TARGET_DIR says: the binaries are run from there below.
+cargo build --manifest-path fuzz/Cargo.toml --target-dir fuzz/target --locked --release --target "$triple" --bins
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then

@@ -18,6 +18,10 @@ if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
   exit 64
 fi
 triple="$(rustc -vV | sed -n 's/^host: //p')"
+if ! command -v "${CXX:-c++}" >/dev/null; then
+  echo "fuzz: libFuzzer is C++: install a C++ compiler (g++) or set CXX" >&2
+  exit 69
+fi
 bin="fuzz/target/$triple/release"
 
 # The coverage instrumentation that cargo-fuzz adds with `--sanitizer none`: stable `-C` flags
@@ -31,11 +35,12 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
   -Cllvm-args=-sanitizer-coverage-stack-depth \
   ${RUSTFLAGS:-}"
 # Its own target dir, whatever CARGO_TARGET_DIR says: the binaries are run from there below.
-cargo build --manifest-path fuzz/Cargo.toml --target-dir fuzz/target --locked --release --target "$triple" --bins
+cargo build --manifest-path fuzz/Cargo.toml --target-dir fuzz/target --locked --release \
+  --target "$triple" --bins
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=($(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -vx 'sluice-fuzz'))
+  mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -vx 'sluice-fuzz')
 fi
 
 # One target: replay, then fuzz. -timeout: an input running this long is a hang;

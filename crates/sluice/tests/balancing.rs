@@ -10,11 +10,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use sluice_balance::maglev::MaglevTable;
-use sluice_balance::{Backend, BackendId, ClientAddr, HashKey};
+use sluice_balance::{Backend, BackendId};
 use sluice_testkit::{EchoServer, Sluice, free_addr, refusing_addr, scrape_metrics};
 use socket2::{Domain, Socket, Type};
 
-use common::{Listener, TIMEOUT, binary, config};
+use common::{
+    Listener, TIMEOUT, assert_maglev_choices, binary, client_key, config, equal_weight_table,
+};
 
 /// Backends that greet every connection with `backend-<i>\n`, then echo.
 fn greeting_backends(count: usize) -> Vec<EchoServer> {
@@ -144,24 +146,11 @@ fn maglev_sends_each_client_to_the_same_backend_on_every_instance(workers: usize
     let on_b = affinity(proxy_b, &clients, 1);
     assert_eq!(on_a, on_b, "the two instances disagree");
     // The expected table, built here from the addresses alone.
-    let backends: Vec<Backend> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
-        .collect();
-    let table = MaglevTable::build(&backends, 65537);
-    for (&ip, &index) in &on_a {
-        let key = HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))));
-        assert_eq!(
-            table.lookup(key),
-            Some(BackendId(index as u32)),
-            "client {ip}"
-        );
-    }
+    assert_maglev_choices(&addrs, &on_a);
     let used: std::collections::HashSet<usize> = on_a.values().copied().collect();
     assert!(used.len() >= 3, "40 clients reached only backends {used:?}");
     // Both export the fingerprint of that same table.
-    let expected = format!("{:016x}", table.fingerprint());
+    let expected = format!("{:016x}", equal_weight_table(&addrs).fingerprint());
     assert_eq!(exported_fingerprint(admin_a, "maglev"), expected);
     assert_eq!(exported_fingerprint(admin_b, "maglev"), expected);
     drop((sluice_a, sluice_b));
@@ -303,21 +292,6 @@ fn maglev_leaves_a_down_backend_out_of_the_table(workers: usize) {
         let expected = without.lookup(client_key(*ip)).unwrap();
         assert_eq!(seen[ip], expected.index(), "client {ip}");
     }
-}
-
-/// The table an instance builds for `addrs` with weight 1 each.
-fn equal_weight_table(addrs: &[SocketAddr]) -> MaglevTable {
-    let backends: Vec<Backend> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
-        .collect();
-    MaglevTable::build(&backends, 65537)
-}
-
-/// The `client_ip` key of a client at `ip`.
-fn client_key(ip: Ipv4Addr) -> u64 {
-    HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))))
 }
 
 with_workers_1_and_2!(

@@ -18,9 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Listener, TIMEOUT, binary, config};
-use sluice_balance::maglev::MaglevTable;
-use sluice_balance::{Backend, BackendId, ClientAddr, HashKey};
+use common::{Listener, TIMEOUT, assert_maglev_choices, binary, config};
 use sluice_testkit::{
     Sluice, UdpEcho, UdpEchoPool, free_addr, run_with_timeout, scrape_metrics, series,
     split_echo_reply, summary_of, wait_metric,
@@ -93,20 +91,7 @@ fn maglev_sends_each_client_to_the_same_backend_on_two_instances(workers: usize)
     let on_a = maglev_affinity(&sluice_a, proxy_a, &clients);
     let on_b = maglev_affinity(&sluice_b, proxy_b, &clients);
     assert_eq!(on_a, on_b, "the two instances disagree");
-    let backends: Vec<Backend> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
-        .collect();
-    let table = MaglevTable::build(&backends, 65537);
-    for (&ip, &index) in &on_a {
-        let key = HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))));
-        assert_eq!(
-            table.lookup(key),
-            Some(BackendId(index as u32)),
-            "client {ip}"
-        );
-    }
+    assert_maglev_choices(&addrs, &on_a);
     let used: HashSet<usize> = on_a.values().copied().collect();
     assert!(used.len() == 3, "30 clients reached only backends {used:?}");
 }

@@ -4,10 +4,12 @@
 #![allow(dead_code)] // Each test file uses its own part of this module.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use sluice_balance::maglev::MaglevTable;
+use sluice_balance::{Backend, BackendId, ClientAddr, HashKey};
 use sluice_testkit::{Sluice, free_addr};
 
 /// Upper bound for one test's traffic; generous for a debug build on two cores.
@@ -154,4 +156,35 @@ macro_rules! with_workers_1_and_2 {
             }
         )+
     };
+}
+
+/// The Maglev table an instance builds for `addrs`, each of weight 1, at the default size.
+pub fn equal_weight_table(addrs: &[SocketAddr]) -> MaglevTable {
+    let backends: Vec<Backend> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| Backend::new(BackendId(i as u32), a, 1))
+        .collect();
+    MaglevTable::build(&backends, 65537)
+}
+
+/// The `client_ip` key of a client at `ip`.
+pub fn client_key(ip: Ipv4Addr) -> u64 {
+    HashKey::ClientIp.hash(ClientAddr(SocketAddr::from((ip, 1))))
+}
+
+/// Asserts that every client reached the backend (an index into `addrs`) that a Maglev table
+/// built in this process from `addrs` gives it.
+pub fn assert_maglev_choices<'a>(
+    addrs: &[SocketAddr],
+    choices: impl IntoIterator<Item = (&'a Ipv4Addr, &'a usize)>,
+) {
+    let table = equal_weight_table(addrs);
+    for (&ip, &index) in choices {
+        assert_eq!(
+            table.lookup(client_key(ip)),
+            Some(BackendId(index as u32)),
+            "client {ip}"
+        );
+    }
 }

@@ -98,8 +98,28 @@ impl Sluice {
         yaml: &str,
         ready_timeout: Duration,
     ) -> Result<Self, StartError> {
+        Self::try_start_with(binary, yaml, ready_timeout, &[])
+    }
+
+    /// As [`Sluice::try_start`], run through `wrapper`: a program and its arguments that run
+    /// the command line after them in a changed process, such as [`fd_limit_wrapper`]'s (the
+    /// test crates forbid `unsafe`, so `pre_exec` is not an option). [`Sluice::pid`] is then
+    /// Sluice's own pid as long as every program of the wrapper execs the next.
+    pub fn try_start_with(
+        binary: &Path,
+        yaml: &str,
+        ready_timeout: Duration,
+        wrapper: &[String],
+    ) -> Result<Self, StartError> {
         let config = ConfigFile::new(yaml);
-        let mut command = Command::new(binary);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("run")
             .arg("-c")
@@ -311,6 +331,44 @@ fn drain_stderr(
             let _ = ready.send(());
         }
     }
+}
+
+/// A [`Sluice::try_start_with`] wrapper that runs Sluice with RLIMIT_NOFILE at `limit` (soft and
+/// hard) and without CAP_SYS_RESOURCE (dropped from the bounding and inheritable sets), so that
+/// even as root it cannot raise the limit: util-linux's `setpriv` and `prlimit`, each of which
+/// execs the next program. `Err` says why it cannot be used here.
+pub fn fd_limit_wrapper(limit: u64) -> Result<Vec<String>, String> {
+    for tool in ["setpriv", "prlimit"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !found {
+            return Err(format!("`{tool}` not found: install util-linux"));
+        }
+    }
+    Ok([
+        "setpriv",
+        "--bounding-set=-sys_resource",
+        "--inh-caps=-sys_resource",
+        "prlimit",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain([format!("--nofile={limit}:{limit}"), "--".to_owned()])
+    .collect())
+}
+
+/// The soft and hard RLIMIT_NOFILE of process `pid` (`Max open files` in /proc/PID/limits).
+pub fn fd_limits(pid: u32) -> Option<(u64, u64)> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))?;
+    let mut values = line.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((values.next()??, values.next()??))
 }
 
 /// What a command run to its end printed, and how it exited.

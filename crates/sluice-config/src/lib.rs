@@ -2,7 +2,7 @@
 //!
 //! [`load`] reads a file and [`parse`] checks its text against the reference in
 //! `DESIGN.md` ("Config (YAML)"). The result is a [`Config`] (global settings and a list of
-//! [`Listener`]s, each with its [`BackendSpec`]s and [`Timeouts`]), or [`ConfigErrors`]: every
+//! [`Listener`]s, each with its [`BackendSpec`]s, [`Timeouts`] and [`Keepalive`]), or [`ConfigErrors`]: every
 //! problem found in the file, each a [`ConfigError`] naming file, line, column and field and
 //! saying what was expected. Unknown fields are reported even when a required field is also
 //! missing, because the file is checked by walking a position-carrying YAML tree by hand
@@ -82,6 +82,8 @@ pub struct Listener {
     pub backends: Vec<BackendSpec>,
     /// Connection timeouts.
     pub timeouts: Timeouts,
+    /// TCP keepalive on both sockets of every connection (`keepalive`).
+    pub keepalive: Keepalive,
     /// Open connections allowed at once; 0 (the default) means "derive from the fd budget".
     pub max_connections: u32,
     /// What happens to connections beyond `max_connections` (default queue).
@@ -195,6 +197,42 @@ pub struct Timeouts {
     /// Close a connection this long after one side's FIN without activity; zero is off
     /// (default 60s).
     pub half_close: Duration,
+    /// How long bytes sent on either socket of a connection may stay unacknowledged before
+    /// the kernel aborts the connection (TCP_USER_TIMEOUT, HAProxy's `tcp-ut`); zero keeps the
+    /// kernel's default (retransmissions give up after about 15 minutes). Millisecond
+    /// resolution, at most 2^31 - 1 ms.
+    pub user_timeout: Duration,
+}
+
+/// TCP keepalive of a listener's connections, set on the client's and the backend's socket:
+/// a peer that vanished without a FIN or reset is noticed on an idle connection too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    /// Idle time before the first probe (TCP_KEEPIDLE), whole seconds from 1s to 32767s;
+    /// zero turns keepalive off (default 60s).
+    pub time: Duration,
+    /// Time between probes (TCP_KEEPINTVL), whole seconds from 1s to 32767s (default 10s).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is aborted (TCP_KEEPCNT), 1 to 127 (default
+    /// 6). With a `timeouts.user_timeout`, the kernel aborts once that has passed instead.
+    pub probes: u32,
+}
+
+impl Keepalive {
+    /// Whether keepalive is on (`time` is not zero).
+    pub fn is_on(&self) -> bool {
+        !self.time.is_zero()
+    }
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            time: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            probes: 6,
+        }
+    }
 }
 
 /// What happens to new connections while a listener is at `max_connections`.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use sluice_balance::maglev;
 
 mod health;
+mod keepalive;
 mod udp;
 
 use crate::tree::{Node, Value};
@@ -59,6 +60,7 @@ const LISTENER: Schema = Schema {
         "algorithm",
         "backends",
         "timeouts",
+        "keepalive",
         "max_connections",
         "on_max_connections",
         "retries",
@@ -85,7 +87,7 @@ const BACKEND: Schema = Schema {
 };
 
 const TIMEOUTS: Schema = Schema {
-    supported: &["connect", "idle", "half_close"],
+    supported: &["connect", "idle", "half_close", "user_timeout"],
     unsupported: &[],
 };
 
@@ -125,6 +127,7 @@ const TIMEOUTS_DEFAULT: Timeouts = Timeouts {
     connect: Duration::from_secs(2),
     idle: Duration::ZERO,
     half_close: Duration::from_secs(60),
+    user_timeout: Duration::ZERO,
 };
 const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 const RETRIES_DEFAULT: u32 = 2;
@@ -318,6 +321,7 @@ impl Walker<'_> {
             algorithm: Algorithm::RoundRobin,
             backends: Vec::new(),
             timeouts: TIMEOUTS_DEFAULT,
+            keepalive: crate::Keepalive::default(),
             max_connections: 0,
             on_max_connections: OnMaxConnections::Queue,
             retries: RETRIES_DEFAULT,
@@ -388,6 +392,9 @@ impl Walker<'_> {
         }
         if let Some(node) = fields.get("timeouts") {
             listener.timeouts = self.timeouts(node, &format!("{path}.timeouts"));
+        }
+        if let Some(node) = fields.get("keepalive") {
+            listener.keepalive = self.keepalive(node, &format!("{path}.keepalive"));
         }
         if let Some(node) = fields.get("max_connections") {
             let field = format!("{path}.max_connections");
@@ -670,6 +677,9 @@ impl Walker<'_> {
             timeouts.half_close = self
                 .duration(node, &format!("{path}.half_close"))
                 .unwrap_or_default();
+        }
+        if let Some(node) = fields.get("user_timeout") {
+            timeouts.user_timeout = self.user_timeout(node, &format!("{path}.user_timeout"));
         }
         timeouts
     }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use sluice_config::{
     ActiveCheck, Admin, Algorithm, BackendAddress, BackendSpec, Check, Config, ConfigError,
-    ConfigErrors, Expect, HashKey, Listener, Location, OnAllDown, OnMaxConnections, OnMaxSessions,
-    Passive, PostgresRole, Protocol, RedisRole, Timeouts, UdpSettings, Workers, load, parse,
+    ConfigErrors, Expect, HashKey, Keepalive, Listener, Location, OnAllDown, OnMaxConnections,
+    OnMaxSessions, Passive, PostgresRole, Protocol, RedisRole, Timeouts, UdpSettings, Workers,
+    load, parse,
 };
 
 const FILE: &str = "sluice.yaml";
@@ -363,6 +364,12 @@ listeners:
                 connect: Duration::from_secs(2),
                 idle: Duration::ZERO,
                 half_close: Duration::from_secs(60),
+                user_timeout: Duration::ZERO,
+            },
+            keepalive: Keepalive {
+                time: Duration::from_secs(60),
+                interval: Duration::from_secs(10),
+                probes: 6,
             },
             max_connections: 0,
             on_max_connections: OnMaxConnections::Queue,
@@ -399,7 +406,8 @@ listeners:
       - { address: \"[fd00::2]:5432\", weight: 0 }
       - address: 10.0.0.3:5432
         weight: 1000
-    timeouts: { connect: 250ms, idle: 5m, half_close: 0 }
+    timeouts: { connect: 250ms, idle: 5m, half_close: 0, user_timeout: 1500ms }
+    keepalive: { time: 1s, interval: 2s, probes: 127 }
     max_connections: 10000
     on_max_connections: reject
     retries: 0
@@ -449,6 +457,15 @@ listeners:
             connect: Duration::from_millis(250),
             idle: Duration::from_secs(300),
             half_close: Duration::ZERO,
+            user_timeout: Duration::from_millis(1500),
+        }
+    );
+    assert_eq!(
+        pg.keepalive,
+        Keepalive {
+            time: Duration::from_secs(1),
+            interval: Duration::from_secs(2),
+            probes: 127,
         }
     );
     assert_eq!(pg.max_connections, 10_000);
@@ -459,6 +476,9 @@ listeners:
     assert_eq!(replica.timeouts.connect, Duration::from_secs(2));
     assert_eq!(replica.timeouts.idle, Duration::ZERO);
     assert_eq!(replica.timeouts.half_close, Duration::from_secs(3600));
+    assert_eq!(replica.timeouts.user_timeout, Duration::ZERO);
+    assert_eq!(replica.keepalive, Keepalive::default());
+    assert!(replica.keepalive.is_on());
     // Two listeners on port 0 get different ports from the kernel: not a duplicate.
     assert_eq!(config.listeners[2].bind, addr("0.0.0.0:0"));
 }
@@ -519,6 +539,24 @@ fn bad_configs_report_position_field_and_expectation() {
          "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    max_connections: 5\n    timeouts: { half_close: 1s }\n".into(),
          &[(6, 22, "listeners[0].max_connections", "max_connections applies only to protocol tcp"),
            (7, 17, "listeners[0].timeouts.half_close", "timeouts.half_close applies only to protocol tcp")]),
+        ("keepalive and user_timeout on a udp listener",
+         "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    keepalive: { time: 1s }\n    timeouts: { user_timeout: 2s }\n".into(),
+         &[(6, 16, "listeners[0].keepalive", "keepalive applies only to protocol tcp"),
+           (7, 17, "listeners[0].timeouts.user_timeout", "timeouts.user_timeout applies only to protocol tcp")]),
+        ("keepalive in milliseconds", format!("{GOOD}    keepalive: {{ time: 1500ms }}\n"),
+         &[(5, 24, "listeners[0].keepalive.time", "1.5s is not a whole number of seconds: the kernel counts keepalive in seconds")]),
+        ("keepalive interval 0", format!("{GOOD}    keepalive:\n      interval: 0\n"),
+         &[(6, 17, "listeners[0].keepalive.interval", "must be at least 1s; to turn keepalive off, write listeners[0].keepalive.time: 0")]),
+        ("keepalive past the kernel's limit", format!("{GOOD}    keepalive: {{ time: 10h, interval: 250ms }}\n"),
+         &[(5, 24, "listeners[0].keepalive.time", "must be at most 32767s (the kernel's limit), found 36000s"),
+           (5, 39, "listeners[0].keepalive.interval", "250ms is not a whole number of seconds")]),
+        ("keepalive probes 0 and 128", format!("{GOOD}    keepalive: {{ probes: 0 }}\n  - name: b\n    bind: \"0.0.0.0:2\"\n    backends: [\"10.0.0.1:1\"]\n    keepalive: {{ probes: 128 }}\n"),
+         &[(5, 26, "listeners[0].keepalive.probes", "must be between 1 and 127, found 0"),
+           (9, 26, "listeners[1].keepalive.probes", "must be between 1 and 127, found 128")]),
+        ("keepalive unknown key", format!("{GOOD}    keepalive: {{ idle: 1s }}\n"),
+         &[(5, 18, "listeners[0].keepalive.idle", "unknown field \"idle\", expected one of: time, interval, probes")]),
+        ("user_timeout past the kernel's limit", format!("{GOOD}    timeouts: {{ user_timeout: 600h }}\n"),
+         &[(5, 31, "listeners[0].timeouts.user_timeout", "must be at most 596h (TCP_USER_TIMEOUT takes at most 2^31 - 1 ms)")]),
         ("per_packet with responses",
          "listeners:\n  - name: a\n    protocol: udp\n    bind: \"0.0.0.0:53\"\n    backends: [\"10.0.0.1:53\"]\n    per_packet: true\n    responses: 1\n".into(),
          &[(7, 16, "listeners[0].responses", "responses has no effect with per_packet: true (no sessions)")]),
@@ -795,4 +833,22 @@ fn mangled_inputs_never_panic() {
             }
         }
     }
+}
+
+#[test]
+fn keepalive_time_0_turns_keepalive_off_and_keeps_the_other_defaults() {
+    let config = check(&format!(
+        "{GOOD}    keepalive: {{ time: 0 }}\n    timeouts: {{ user_timeout: 0 }}\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let listener = &config.listeners[0];
+    assert!(!listener.keepalive.is_on());
+    assert_eq!(
+        listener.keepalive,
+        Keepalive {
+            time: Duration::ZERO,
+            ..Keepalive::default()
+        }
+    );
+    assert_eq!(listener.timeouts.user_timeout, Duration::ZERO);
 }

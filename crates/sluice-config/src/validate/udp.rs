@@ -17,10 +17,15 @@ const UDP_KEYS: &[&str] = &[
 ];
 
 /// Listener keys of connections, meaningful only for `protocol: tcp`.
-const TCP_KEYS: &[&str] = &["max_connections", "on_max_connections", "retries"];
+const TCP_KEYS: &[&str] = &[
+    "max_connections",
+    "on_max_connections",
+    "retries",
+    "keepalive",
+];
 
 /// `timeouts` keys of connections, meaningful only for `protocol: tcp`.
-const TCP_TIMEOUTS: &[&str] = &["connect", "half_close"];
+const TCP_TIMEOUTS: &[&str] = &["connect", "half_close", "user_timeout"];
 
 /// A UDP session that nobody configured an idle timeout for ends after this (DESIGN.md).
 const UDP_IDLE_DEFAULT: Duration = Duration::from_secs(60);

@@ -31,7 +31,9 @@ pub use counters::{
     BackendCounters, Counter, ListenerCounters, UdpCounters, UdpDrop, WorkerCounters,
 };
 pub use sluice_conn::{CloseKind, Limits};
-pub use sockets::{connections_for_budget, pipes_for_budget, raise_fd_limit};
+pub use sockets::{
+    Keepalive, SocketSettings, connections_for_budget, pipes_for_budget, raise_fd_limit,
+};
 pub use worker::RESET_LINGER;
 
 /// What to do with a new connection beyond `max_connections`.
@@ -56,6 +58,8 @@ pub struct ListenerPlan {
     /// honoured as written, even past the budget (accept then meets EMFILE and backs off).
     pub within_fd_budget: bool,
     pub on_max_connections: OnMaxConnections,
+    /// Keepalive and user timeout of both sockets of every connection (tcp only).
+    pub sockets: SocketSettings,
     /// A udp listener's sessions; `None` for tcp.
     pub udp: Option<UdpPlan>,
     /// How many distinct backends this listener may ever have (its per-worker counters are

@@ -2,6 +2,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -10,11 +12,12 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 const LISTEN_BACKLOG: i32 = 4096;
 
 /// A listening socket of one worker: SO_REUSEPORT, so every worker binds its own and the
-/// kernel spreads new connections across them.
+/// kernel spreads new connections across them. Non-blocking: the worker accepts from it
+/// when a readiness poll says connections wait, until EAGAIN.
 pub(crate) fn listener(bind: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(bind),
-        Type::STREAM.cloexec(),
+        Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
@@ -66,27 +69,79 @@ pub(crate) fn udp_backend_socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// How the kernel treats both sockets of every TCP connection of a listener: how a peer that
+/// vanished (no FIN, no reset) is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// TCP_USER_TIMEOUT: how long sent bytes may stay unacknowledged before the kernel aborts
+    /// the connection; zero keeps the kernel's default.
+    pub user_timeout: Duration,
+    /// TCP keepalive; `None` leaves it off.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive probes (the kernel counts their times in whole seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe (TCP_KEEPIDLE).
+    pub time: Duration,
+    /// Time between probes (TCP_KEEPINTVL).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is aborted (TCP_KEEPCNT).
+    pub probes: u32,
+}
+
+impl Default for SocketSettings {
+    /// The config's defaults: keepalive after 60 s idle, every 10 s, 6 probes; the kernel's
+    /// user timeout.
+    fn default() -> Self {
+        SocketSettings {
+            user_timeout: Duration::ZERO,
+            keepalive: Some(Keepalive {
+                time: Duration::from_secs(60),
+                interval: Duration::from_secs(10),
+                probes: 6,
+            }),
+        }
+    }
+}
+
 /// A socket toward a backend, not yet connected.
-pub(crate) fn backend_socket(addr: SocketAddr) -> io::Result<Socket> {
+pub(crate) fn backend_socket(addr: SocketAddr, settings: &SocketSettings) -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
-    tune(&SockRef::from(&socket))?;
+    tune(&SockRef::from(&socket), settings)?;
     Ok(socket)
 }
 
-/// TCP_NODELAY (we forward what we get, when we get it) and keepalive (dead peers are noticed
-/// even on connections with `timeouts.idle: 0`).
-pub(crate) fn tune(socket: &SockRef<'_>) -> io::Result<()> {
+/// Unsent bytes a proxied socket may hold (TCP_NOTSENT_LOWAT). Without a bound the kernel
+/// autotunes the send buffer toward `tcp_wmem`'s maximum, and a thousand connections stalled
+/// on slow peers held about 0.8 MiB each of unsent bytes in Sluice's sockets: enough kernel
+/// memory to push the whole machine into TCP memory pressure, which slowed every other
+/// connection by half and more (`crates/sluice/tests/fault_slow.rs`). One pipe's worth keeps a
+/// splice burst whole.
+const NOTSENT_LOWAT: u32 = 256 * 1024;
+
+/// TCP_NODELAY (we forward what we get, when we get it), keepalive (dead peers are noticed
+/// even on connections with `timeouts.idle: 0`) and the user timeout (bytes that a vanished
+/// peer never acknowledges end the connection), and the unsent bound [`NOTSENT_LOWAT`].
+pub(crate) fn tune(socket: &SockRef<'_>, settings: &SocketSettings) -> io::Result<()> {
     socket.set_tcp_nodelay(true)?;
-    socket.set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(std::time::Duration::from_secs(60))
-            .with_interval(std::time::Duration::from_secs(10))
-            .with_retries(6),
-    )?;
+    sluice_uring::set_notsent_lowat(socket.as_fd(), NOTSENT_LOWAT)?;
+    if let Some(keepalive) = settings.keepalive {
+        socket.set_tcp_keepalive(
+            &TcpKeepalive::new()
+                .with_time(keepalive.time)
+                .with_interval(keepalive.interval)
+                .with_retries(keepalive.probes),
+        )?;
+    }
+    if !settings.user_timeout.is_zero() {
+        socket.set_tcp_user_timeout(Some(settings.user_timeout))?;
+    }
     Ok(())
 }
 
@@ -151,6 +206,39 @@ mod tests {
         assert_eq!(connections_for_budget(1024, 1, 1), (1024 - 69 - 128) / 2);
         assert_eq!(pipes_for_budget(1 << 20, 4), 256);
         assert_eq!(connections_for_budget(10, 2, 3), 1);
+    }
+
+    #[test]
+    fn tune_applies_keepalive_and_user_timeout() {
+        let settings = SocketSettings {
+            user_timeout: Duration::from_millis(2500),
+            keepalive: Some(Keepalive {
+                time: Duration::from_secs(7),
+                interval: Duration::from_secs(3),
+                probes: 4,
+            }),
+        };
+        let socket = backend_socket("127.0.0.1:1".parse().unwrap(), &settings).unwrap();
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(2500))
+        );
+
+        let off = SocketSettings {
+            user_timeout: Duration::ZERO,
+            keepalive: None,
+        };
+        let socket = backend_socket("127.0.0.1:1".parse().unwrap(), &off).unwrap();
+        assert!(!socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
     }
 
     #[test]

@@ -44,8 +44,6 @@ const PIPE_SIZE: u32 = 256 * 1024;
 /// A direction switches from copying to splicing when a receive fills a whole buffer (more
 /// bytes are likely waiting), and back when a splice moves less than this (the burst is over).
 const SPLICE_MIN: u32 = 8 * 1024;
-/// Connections a worker holds, accepted but not yet served, in queue mode (beyond: reset).
-const QUEUED_MAX: usize = 64;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -217,7 +215,7 @@ struct Worker {
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     /// Connections whose receive found the pool empty, oldest first.
     buffer_waiters: VecDeque<u32>,
-    /// Connections accepted in queue mode while there was no room (see `accepted`).
+    /// Connections accepted while no fd was left for their backend socket (see `park`).
     queued: VecDeque<(usize, Socket)>,
     snapshot: Arc<Snapshot>,
     pickers: Vec<Picker>,
@@ -306,7 +304,8 @@ impl Worker {
                 continue;
             }
             let socket = sockets::listener(plan.bind).map_err(binding)?;
-            ring.accept_multi(socket.as_raw_fd(), user_data(Op::Accept, i as u32));
+            // Readiness, not a multishot accept: see `accept_waiting`.
+            ring.poll_in_multi(socket.as_raw_fd(), user_data(Op::Accept, i as u32));
             udp.push(None);
             listeners.push(Listening {
                 socket,
@@ -354,6 +353,7 @@ impl Worker {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
+            self.drop_stale_timers();
             let timeout = self.sleep_for(Instant::now());
             self.ring.submit_and_wait(Some(timeout))?;
             let mut completions = std::mem::take(&mut self.completions);
@@ -590,10 +590,23 @@ impl Worker {
             return;
         }
         let fd = side_fd(slot, side);
+        // A sink that still holds unsent bytes is not keeping up: a pipe filled for it would
+        // sit there until the slow peer drains it. Copy instead. Without this, a thousand
+        // connections to a slow backend held every pipe of the worker, and the fast
+        // connections beside them fell back to copying (`tests/fault_slow.rs`: 64% of their
+        // throughput).
+        let sink_backed_up = slot.pipe[dir].is_none()
+            && side_socket(slot, side.other())
+                .is_some_and(|sink| sluice_uring::unsent_bytes(sink).is_ok_and(|n| n > 0));
         // The pipe is leased only now that bytes are ready: a connection waiting for its peer
         // holds none.
-        let Some(pipe) = slot.pipe[dir].or_else(|| self.pipes.lease()) else {
-            // Every pipe is in use: copy this chunk.
+        let leased = if sink_backed_up {
+            None
+        } else {
+            slot.pipe[dir].or_else(|| self.pipes.lease())
+        };
+        let Some(pipe) = leased else {
+            // Every pipe is in use, or the sink is backed up: copy this chunk.
             slot.splicing[dir] = false;
             slot.in_flight += 1;
             self.ring.recv(fd, false, user_data(Op::recv(side), index));
@@ -669,11 +682,35 @@ impl Worker {
             self.free(index);
             return;
         }
-        if let Some(at) = slot.conn.poll_timeout()
-            && slot.timer_at.is_none_or(|t| at < t)
-        {
-            slot.timer_at = Some(at);
-            self.timers.push(Reverse((at, index)));
+        match slot.conn.poll_timeout() {
+            // No deadline any more (a connect that completed, on a listener without an idle
+            // timeout): the heap entry left behind is stale and is dropped before the worker
+            // sleeps, so it costs no wake-up (it cost one per connection).
+            None => slot.timer_at = None,
+            Some(at) if slot.timer_at.is_none_or(|t| at < t) => {
+                slot.timer_at = Some(at);
+                self.timers.push(Reverse((at, index)));
+            }
+            // A later deadline (activity moved the idle timeout on): the earlier entry fires,
+            // finds nothing due and registers this one; one wake-up per idle period instead of
+            // one heap entry per byte.
+            Some(_) => {}
+        }
+    }
+
+    /// Pops the stale entries at the top of the timer heap, so that the sleep is not cut
+    /// short for them.
+    fn drop_stale_timers(&mut self) {
+        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
+            let live = self
+                .slots
+                .get(index as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|slot| slot.timer_at == Some(at));
+            if live {
+                return;
+            }
+            self.timers.pop();
         }
     }
 
@@ -863,7 +900,7 @@ impl Worker {
         // Replacing the guard uncounts the backend of the previous attempt.
         slot.load = Some(backend.open());
         slot.backend_id = Some(id);
-        match sockets::backend_socket(addr) {
+        match sockets::backend_socket(addr, &self.config.listeners[listener].sockets) {
             Ok(socket) => {
                 let fd = socket.as_raw_fd();
                 slot.backend = Some(socket);
@@ -875,6 +912,13 @@ impl Worker {
                     user_data(Op::Connect, index),
                 );
             }
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                    && slot.tried.is_empty()
+                    && slot.in_flight == 0 =>
+            {
+                self.park(index, now);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "could not create a backend socket");
                 slot.conn.handle_connect_failed(ConnectError::Other, now);
@@ -882,7 +926,13 @@ impl Worker {
         }
     }
 
+    /// The listener's readiness poll completed: accept what waits in its backlog.
     fn accepted(&mut self, listener: usize, c: Completion, now: Instant) {
+        // The last completion of a poll we cancelled may arrive after a new one was armed:
+        // `cancel_accept` already marked it disarmed, and the new one stays.
+        if c.result == -libc::ECANCELED {
+            return;
+        }
         if !c.more() {
             self.listeners[listener].armed = false;
         }
@@ -890,32 +940,74 @@ impl Worker {
             self.accept_failed(listener, -c.result, now);
             return;
         }
-        let socket = socket_from_accepted(c.result);
-        if self.phase >= DRAINING {
-            return; // Dropped: closed without being served.
-        }
-        if !self.admit(listener) {
-            match self.config.listeners[listener].on_max_connections {
-                OnMaxConnections::Reject => {
+        self.accept_waiting(listener, now);
+    }
+
+    /// Accepts the connections waiting in `listener`'s backlog one at a time, each only after
+    /// taking room for it. A multishot accept would take the whole backlog at once: past
+    /// `max_connections` (the excess then had to be reset, queue mode or not) and past the fds
+    /// left for backend sockets. Stops when the backlog is empty, at the cap (queue mode), on
+    /// an error (EMFILE pauses accepting), or when draining.
+    fn accept_waiting(&mut self, listener: usize, now: Instant) {
+        let queue = self.config.listeners[listener].on_max_connections == OnMaxConnections::Queue;
+        loop {
+            let l = &self.listeners[listener];
+            if self.phase >= DRAINING || l.capped || l.paused_until.is_some_and(|t| now < t) {
+                return;
+            }
+            let admitted = self.admit(listener);
+            if !admitted && queue {
+                // Another worker took the last room: the connection stays in the backlog.
+                self.cap_listener(listener);
+                return;
+            }
+            match self.listeners[listener].socket.accept() {
+                Ok((socket, _)) if admitted => self.serve(listener, socket, now),
+                Ok((socket, _)) => {
+                    // Reject mode, beyond the cap.
                     let _ = socket.set_linger(Some(Duration::ZERO));
                     self.counters.listeners[listener].rejected.add(1);
                 }
-                OnMaxConnections::Queue => {
-                    // Another worker took the last room between our accept and this check (or
-                    // the multishot accept delivered more before it stopped): a connection
-                    // already out of the kernel backlog waits here instead of being reset.
-                    self.cap_listener(listener);
-                    if self.queued.len() < QUEUED_MAX {
-                        self.queued.push_back((listener, socket));
-                    } else {
-                        let _ = socket.set_linger(Some(Duration::ZERO));
-                        self.counters.listeners[listener].rejected.add(1);
+                Err(e) => {
+                    if admitted {
+                        self.release(listener);
+                    }
+                    match e.raw_os_error() {
+                        Some(libc::EINTR | libc::ECONNABORTED) => {}
+                        Some(libc::EAGAIN) | None => return,
+                        Some(errno) => {
+                            self.accept_failed(listener, errno, now);
+                            return;
+                        }
                     }
                 }
             }
-            return;
         }
-        self.serve(listener, socket, now);
+    }
+
+    /// Gives back the room `admit` took, for a connection that was not accepted after all.
+    fn release(&mut self, listener: usize) {
+        self.shared.listener_active[listener].fetch_sub(1, Ordering::Relaxed);
+        self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The first connect of a connection found no fd left for a backend socket (EMFILE
+    /// between its accept and its connect): rather than reset a client nothing was forwarded
+    /// for yet, undo its slot and put it back among the accepted-but-unserved ones, first in
+    /// line, and pause accepting as for EMFILE at accept. It is served once fds free up.
+    fn park(&mut self, index: u32, now: Instant) {
+        let Some(slot) = self.slots[index as usize].take() else {
+            return;
+        };
+        self.free_slots.push(index);
+        self.live -= 1;
+        let listener = slot.listener;
+        let counters = &self.counters.listeners[listener];
+        counters.accepted.sub(1);
+        counters.active.sub(1);
+        self.release(listener);
+        self.queued.push_front((listener, slot.client));
+        self.accept_failed(listener, libc::EMFILE, now);
     }
 
     /// Takes room for one connection of `listener` under its `max_connections` and the
@@ -944,9 +1036,20 @@ impl Worker {
 
     /// Starts proxying an admitted connection: its slot, its state machine, its first connect.
     fn serve(&mut self, listener: usize, socket: Socket, now: Instant) {
+        // accept(2) does not pass O_NONBLOCK on, and a splice to or from a blocking socket
+        // blocks the whole worker (found by a slow client under a 1 GiB stream: the worker sat
+        // in splice_to_socket while every other connection, and accept, waited).
+        if let Err(error) = socket.set_nonblocking(true) {
+            tracing::warn!(%error, "could not make an accepted socket non-blocking; dropped");
+            self.release(listener);
+            return;
+        }
         self.counters.listeners[listener].accepted.add(1);
         self.counters.listeners[listener].active.add(1);
-        let _ = sockets::tune(&SockRef::from(&socket));
+        let _ = sockets::tune(
+            &SockRef::from(&socket),
+            &self.config.listeners[listener].sockets,
+        );
         let client_addr = socket
             .peer_addr()
             .ok()
@@ -975,14 +1078,21 @@ impl Worker {
         self.drive(index, now);
     }
 
-    /// Serves connections that were accepted while there was no room, oldest first, as room
-    /// frees up; on drain they are closed unserved.
+    /// Serves connections that were accepted while there were no fds for their backend
+    /// sockets (`park`), oldest first, once the pause is over and before accepting resumes;
+    /// on drain they are closed unserved.
     fn serve_queued(&mut self, now: Instant) {
         if self.phase >= DRAINING {
             self.queued.clear();
             return;
         }
         while let Some(&(listener, _)) = self.queued.front() {
+            if self.listeners[listener]
+                .paused_until
+                .is_some_and(|t| now < t)
+            {
+                break;
+            }
             if !self.admit(listener) {
                 break;
             }
@@ -1070,9 +1180,10 @@ impl Worker {
                 }
             }
             if !l.armed && !l.capped && l.paused_until.is_none() {
+                // A poll armed on a listener with connections waiting completes at once.
                 l.armed = true;
                 self.ring
-                    .accept_multi(l.socket.as_raw_fd(), user_data(Op::Accept, i as u32));
+                    .poll_in_multi(l.socket.as_raw_fd(), user_data(Op::Accept, i as u32));
             }
         }
     }
@@ -1230,9 +1341,4 @@ fn make_pickers(snapshot: &Snapshot, worker: usize) -> Vec<Picker> {
         .enumerate()
         .map(|(i, l)| Picker::new(l, worker, random.hash_one((worker, i))))
         .collect()
-}
-
-fn socket_from_accepted(fd: i32) -> Socket {
-    // The accept completion's result is a new descriptor that nothing else refers to.
-    Socket::from(sluice_uring::take_accepted_fd(fd))
 }

@@ -20,13 +20,20 @@ pub(crate) async fn serve(bind: SocketAddr, view: MetricsView) -> std::io::Resul
     let listener = TcpListener::bind(bind).await?;
     let view = Arc::new(view);
     tokio::spawn(async move {
+        // Out of fds (EMFILE), accept fails until some close: log it at most once a second,
+        // like the workers do, and back off meanwhile.
+        let mut logged: Option<tokio::time::Instant> = None;
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     tokio::spawn(handle(stream, view.clone()));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    let now = tokio::time::Instant::now();
+                    if logged.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        logged = Some(now);
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

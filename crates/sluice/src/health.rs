@@ -640,6 +640,9 @@ fn restart_only_changes(
     if running.retries != new.retries {
         changed.push("retries");
     }
+    if running.keepalive != new.keepalive {
+        changed.push("keepalive");
+    }
     changed
 }
 

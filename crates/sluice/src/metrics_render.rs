@@ -74,6 +74,12 @@ impl MetricsView {
             "Client connections accepted.",
         );
         d(
+            "sluice_worker_connections_accepted_total",
+            None,
+            "Client connections accepted by each worker, over all listeners (how evenly the \
+             kernel spreads new connections across the workers' SO_REUSEPORT sockets).",
+        );
+        d(
             "sluice_connections_closed_total",
             None,
             "Client connections closed, by reason.",
@@ -223,6 +229,14 @@ impl MetricsView {
             .absolute(total(&|w| w.pipes_shrunk.get()));
         self.counter("sluice_buffer_waits_total", vec![])
             .absolute(total(&|w| w.buffer_waits.get()));
+        for (wi, worker) in workers.iter().enumerate() {
+            let accepted = worker.listeners.iter().map(|l| l.accepted.get()).sum();
+            self.counter(
+                "sluice_worker_connections_accepted_total",
+                vec![Label::new("worker", wi.to_string())],
+            )
+            .absolute(accepted);
+        }
         for (li, name) in self.listeners.iter().enumerate() {
             let listener = || vec![Label::new("listener", name.clone())];
             let sum = |f: &dyn Fn(&sluice_dataplane::ListenerCounters) -> u64| -> u64 {

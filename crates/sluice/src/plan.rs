@@ -7,7 +7,8 @@ use std::path::Path;
 use sluice_balance::{Backend, BackendId, ListenerBackends, Snapshot};
 use sluice_config::{BackendAddress, Config, ConfigError, ConfigErrors, Workers};
 use sluice_dataplane::{
-    Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER, UdpPlan,
+    Keepalive, Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER, SocketSettings,
+    UdpPlan,
 };
 
 /// A config with every hostname resolved.
@@ -88,6 +89,19 @@ pub(crate) fn backends_max(configured: usize) -> usize {
     configured + configured.max(64)
 }
 
+/// The kernel settings of both sockets of a tcp listener's connections.
+fn socket_settings(listener: &sluice_config::Listener) -> SocketSettings {
+    let k = &listener.keepalive;
+    SocketSettings {
+        user_timeout: listener.timeouts.user_timeout,
+        keepalive: k.is_on().then_some(Keepalive {
+            time: k.time,
+            interval: k.interval,
+            probes: k.probes,
+        }),
+    }
+}
+
 /// The number of workers `workers: auto` means: the CPUs this process may run on.
 pub(crate) fn worker_count(workers: Workers) -> usize {
     match workers {
@@ -123,6 +137,7 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
                 sluice_config::OnMaxConnections::Queue => OnMaxConnections::Queue,
                 sluice_config::OnMaxConnections::Reject => OnMaxConnections::Reject,
             },
+            sockets: socket_settings(l),
             backends_max: backends_max(l.backends.len()),
             udp: (l.protocol == sluice_config::Protocol::Udp).then_some(UdpPlan {
                 max_sessions: l.udp.max_sessions,

@@ -52,7 +52,8 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         let _ = writeln!(
             out,
             "listener {} {} {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
-             max_connections {}, on_max_connections {:?}, retries {}",
+             user_timeout {}, keepalive {}, max_connections {}, on_max_connections {:?}, \
+             retries {}",
             listener.name,
             match listener.protocol {
                 sluice_config::Protocol::Tcp => "tcp",
@@ -64,6 +65,12 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             t.connect,
             off_or(t.idle),
             off_or(t.half_close),
+            if t.user_timeout.is_zero() {
+                "kernel default".to_owned()
+            } else {
+                format!("{:?}", t.user_timeout)
+            },
+            keepalive_summary(&listener.keepalive),
             if listener.max_connections == 0 {
                 "auto".to_string()
             } else {
@@ -119,6 +126,18 @@ fn health_summary(listener: &sluice_config::Listener) -> String {
         off_or(listener.slow_start),
         off_or(listener.drain_timeout)
     )
+}
+
+/// `keepalive` for `sluice check`: `off`, or `60s/10s x6` (time, interval, probes).
+fn keepalive_summary(keepalive: &sluice_config::Keepalive) -> String {
+    if keepalive.is_on() {
+        format!(
+            "{:?}/{:?} x{}",
+            keepalive.time, keepalive.interval, keepalive.probes
+        )
+    } else {
+        "off".into()
+    }
 }
 
 fn off_or(d: Duration) -> String {

@@ -89,6 +89,23 @@ fn metrics_count_connections_and_bytes_exactly(workers: usize) {
         "{}",
         dump()
     );
+    // Each worker reports its own accepts (a missing worker reads NaN and fails the sum).
+    let worker_key = |w: usize| {
+        series(
+            "sluice_worker_connections_accepted_total",
+            &[("worker", &w.to_string())],
+        )
+    };
+    let per_worker: Vec<f64> = (0..workers)
+        .map(|w| get(&worker_key(w)).unwrap_or(f64::NAN))
+        .collect();
+    assert_eq!(
+        per_worker.iter().sum::<f64>(),
+        connections as f64,
+        "per worker {per_worker:?}\n{}",
+        dump()
+    );
+    assert_eq!(get(&worker_key(workers)), None, "{}", dump());
     assert_eq!(
         sum_for_listener(&metrics, "sluice_connections_closed_total", "counted"),
         connections as f64,

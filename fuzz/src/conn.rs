@@ -139,6 +139,8 @@ enum Event {
     Time,
     Shutdown,
     Drained,
+    /// The driver's error watch reports a reset on a side (no receive or send involved).
+    PeerError(Side),
 }
 
 impl Sim {
@@ -302,6 +304,9 @@ impl Sim {
         if self.conn.waits_for_buffers() {
             events.push(Event::BuffersAvailable);
         }
+        if !self.closed {
+            events.extend(SIDES.map(Event::PeerError));
+        }
         events
     }
 
@@ -329,6 +334,7 @@ impl Sim {
             }
             Event::Shutdown => self.conn.handle_shutdown(),
             Event::Drained => self.conn.handle_drained(),
+            Event::PeerError(side) => self.conn.handle_peer_error(side, self.now),
         }
         self.drain_actions();
         Ok(())

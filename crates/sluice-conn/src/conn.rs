@@ -369,6 +369,17 @@ impl<B: Copy> Conn<B> {
         }
     }
 
+    /// The socket of `side` reported an error (a reset) outside any receive or send: the
+    /// driver watches each socket for errors, because a direction stalled behind a slow peer
+    /// has no receive armed on its source and would otherwise notice a reset only once the
+    /// slow peer drained everything queued. Handled as a reset seen by a receive.
+    pub fn handle_peer_error(&mut self, side: Side, now: Instant) {
+        if self.state == State::Established {
+            self.side_gone(side, now);
+            self.pump();
+        }
+    }
+
     /// A receive on `side` completed.
     pub fn handle_recv(&mut self, side: Side, outcome: RecvOutcome<B>, now: Instant) {
         let dir = Dir::from_source(side);
@@ -893,6 +904,31 @@ mod tests {
             reset_backend: true,
         };
         assert_eq!(drain(&mut c), vec![A::Close(reason)]);
+    }
+
+    #[test]
+    fn peer_error_behind_a_stalled_direction_ends_within_the_linger() {
+        let t = Instant::now();
+        let mut c = established(t);
+        // Two chunks from the client fill its direction; the first is being sent to a
+        // backend that does not read, so no receive is armed on the client any more.
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 1, len: 10 }, t);
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 2, len: 10 }, t);
+        drain(&mut c);
+        // The driver's error watch reports the client's reset.
+        c.handle_peer_error(Side::Client, t);
+        drain(&mut c);
+        c.handle_timeout(t + Duration::from_secs(1));
+        let reason = CloseReason {
+            kind: CloseKind::ClientReset,
+            reset_client: false,
+            reset_backend: true,
+        };
+        let actions = drain(&mut c);
+        assert_eq!(actions.last(), Some(&A::Close(reason)), "{actions:?}");
+        // A late error report changes nothing.
+        c.handle_peer_error(Side::Backend, t + Duration::from_secs(2));
+        assert_eq!(drain(&mut c), vec![]);
     }
 
     #[test]

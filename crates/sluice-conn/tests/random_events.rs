@@ -181,6 +181,12 @@ impl Sim {
             self.conn.handle_unacked(side, unacked, self.now);
             return true;
         }
+        if !self.closed && self.rng.random_range(0..80) == 0 {
+            // The driver's error watch reports a reset, outside any receive or send.
+            let side = SIDES[self.rng.random_range(0..2)];
+            self.conn.handle_peer_error(side, self.now);
+            return true;
+        }
         let mut choices = Vec::new();
         for side in SIDES {
             if self.recv_pending[idx(side)] {

@@ -44,6 +44,8 @@ const PIPE_SIZE: u32 = 256 * 1024;
 /// A direction switches from copying to splicing when a receive fills a whole buffer (more
 /// bytes are likely waiting), and back when a splice moves less than this (the burst is over).
 const SPLICE_MIN: u32 = 8 * 1024;
+/// Unsent bytes in a sink socket that mark it as not keeping up (no pipe is leased for it).
+const SINK_BACKLOG: u32 = 64 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -72,11 +74,15 @@ enum Op {
     PollInBackend,
     PollOutClient,
     PollOutBackend,
+    /// A one-shot poll for errors (a reset) on a side, armed once the connection is
+    /// established and kept until it fires or the connection closes: see `watch_completed`.
+    WatchClient,
+    WatchBackend,
 }
 
 impl Op {
     /// Every operation a connection may have in flight (at most one of each).
-    const CANCELLABLE: [Op; 9] = [
+    const CANCELLABLE: [Op; 11] = [
         Op::RecvClient,
         Op::RecvBackend,
         Op::SendClient,
@@ -86,6 +92,8 @@ impl Op {
         Op::PollInBackend,
         Op::PollOutClient,
         Op::PollOutBackend,
+        Op::WatchClient,
+        Op::WatchBackend,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {
@@ -102,6 +110,8 @@ impl Op {
             10 => Op::PollInBackend,
             11 => Op::PollOutClient,
             12 => Op::PollOutBackend,
+            13 => Op::WatchClient,
+            14 => Op::WatchBackend,
             _ => return None,
         })
     }
@@ -131,6 +141,13 @@ impl Op {
         match side {
             Side::Client => Op::PollOutClient,
             Side::Backend => Op::PollOutBackend,
+        }
+    }
+
+    fn watch(side: Side) -> Op {
+        match side {
+            Side::Client => Op::WatchClient,
+            Side::Backend => Op::WatchBackend,
         }
     }
 }
@@ -448,6 +465,8 @@ impl Worker {
             Op::PollInBackend => self.poll_in_completed(index, Side::Backend, c.result, now),
             Op::PollOutClient => self.poll_out_completed(index, Side::Client, c.result, now),
             Op::PollOutBackend => self.poll_out_completed(index, Side::Backend, c.result, now),
+            Op::WatchClient => self.watch_completed(index, Side::Client, c.result, now),
+            Op::WatchBackend => self.watch_completed(index, Side::Backend, c.result, now),
             Op::Accept | Op::Wake | Op::Cancel => {}
         }
         self.drive(index, now);
@@ -478,6 +497,13 @@ impl Worker {
             // client's, for splice(2).
             if let Some(backend) = &slot.backend {
                 let _ = backend.set_nonblocking(true);
+            }
+            // Watch both sockets for a reset from now on (see `watch_completed`).
+            for side in [Side::Client, Side::Backend] {
+                let fd = side_fd(slot, side);
+                slot.in_flight += 1;
+                self.ring
+                    .poll_once(fd, libc::POLLERR, user_data(Op::watch(side), index));
             }
             slot.conn.handle_connected(now);
             return;
@@ -590,14 +616,16 @@ impl Worker {
             return;
         }
         let fd = side_fd(slot, side);
-        // A sink that still holds unsent bytes is not keeping up: a pipe filled for it would
-        // sit there until the slow peer drains it. Copy instead. Without this, a thousand
-        // connections to a slow backend held every pipe of the worker, and the fast
-        // connections beside them fell back to copying (`tests/fault_slow.rs`: 64% of their
-        // throughput).
+        // A sink that holds a backlog of unsent bytes is not keeping up: a pipe filled for it
+        // would sit there until the slow peer drains it. Copy instead, and keep the pipes for
+        // sinks that keep up. Without this, a thousand connections to a slow backend held
+        // every pipe of the worker, and the fast connections beside them fell back to copying
+        // (`tests/fault_slow.rs`: 64% of their throughput). Bulk throughput to fast sinks did
+        // not move (`bench/ab.sh`, 1 and 8 iperf3 streams: within the run-to-run noise).
         let sink_backed_up = slot.pipe[dir].is_none()
-            && side_socket(slot, side.other())
-                .is_some_and(|sink| sluice_uring::unsent_bytes(sink).is_ok_and(|n| n > 0));
+            && side_socket(slot, side.other()).is_some_and(|sink| {
+                sluice_uring::unsent_bytes(sink).is_ok_and(|n| n >= SINK_BACKLOG)
+            });
         // The pipe is leased only now that bytes are ready: a connection waiting for its peer
         // holds none.
         let leased = if sink_backed_up {
@@ -662,6 +690,22 @@ impl Worker {
         }
         let len = slot.pending_out[Dir::from_source(to.other()) as usize];
         self.splice_out(index, to, len, now);
+    }
+
+    /// The error watch on `side` fired. A direction stalled behind a slow peer has no receive
+    /// armed on its source, so a reset there would be noticed only once the slow peer drained
+    /// every queued byte, at its pace (a backend that never reads: never): 1000 clients that
+    /// reset while pushing into a slow backend stayed open in Sluice for minutes
+    /// (`tests/fault_slow.rs`). POLLERR is a reset; POLLHUP/POLLRDHUP alone is an orderly
+    /// close that the receives see in order, and the watch ends there (re-arming a poll on a
+    /// condition that stays would spin).
+    fn watch_completed(&mut self, index: u32, side: Side, result: i32, now: Instant) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("completion of a live slot");
+        if result > 0 && (result & i32::from(libc::POLLERR)) != 0 && slot.closing.is_none() {
+            slot.conn.handle_peer_error(side, now);
+        }
     }
 
     /// Runs a connection's actions until it has none, then registers its deadline.

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 
 use common::{Listener, TIMEOUT, binary, config};
 use sluice_testkit::{
-    EchoServer, Fault, FaultProxy, Leg, Sluice, VerifyReport, figure, tiered, verify_echo,
+    EchoServer, Fault, FaultProxy, Leg, Sluice, VerifyReport, figure, free_addr, reset,
+    scrape_metrics, series, tiered, verify_echo,
 };
 
 with_workers_1_and_2!(
     sliced_both_legs_keeps_every_byte,
-    stalled_peer_leaves_sluice_idle
+    stalled_peer_leaves_sluice_idle,
+    reset_behind_a_stalled_backend_closes_promptly
 );
 
 /// Pieces of 1 ..= 64 bytes, up to 200 us apart.
@@ -37,6 +39,7 @@ struct Chain {
     client_leg: FaultProxy,
     backend_leg: FaultProxy,
     front: SocketAddr,
+    admin: SocketAddr,
     sluice: Sluice,
     _backend: EchoServer,
 }
@@ -46,11 +49,13 @@ fn chain(workers: usize) -> Chain {
     let backend_leg = FaultProxy::start(backend.addr());
     let listener = Listener::new("faulty", &[backend_leg.addr()]);
     let front = listener.bind;
-    let sluice = Sluice::start(binary(), &config(workers, None, &[], &[listener]));
+    let admin = free_addr();
+    let sluice = Sluice::start(binary(), &config(workers, Some(admin), &[], &[listener]));
     Chain {
         client_leg: FaultProxy::start(front),
         backend_leg,
         front,
+        admin,
         sluice,
         _backend: backend,
     }
@@ -155,5 +160,56 @@ fn stalled_peer_leaves_sluice_idle(workers: usize) {
         &format!("peer stalled mid-transfer, {workers} worker(s)"),
         "Sluice < 10% of a core while stalled; digests match after",
         &figures.join("; "),
+    );
+}
+
+/// A client that resets while its bytes wait behind a backend that stopped reading: Sluice
+/// has no receive armed on that client (its direction is full), and used to notice the reset
+/// only once the backend drained the queue, at its pace; a backend that never reads kept the
+/// connection forever. Its error watch notices at once; the reset linger (2 s) bounds the rest.
+fn reset_behind_a_stalled_backend_closes_promptly(workers: usize) {
+    let chain = chain(workers);
+    chain.backend_leg.set(Leg::Upstream, Fault::Stall);
+    let mut client = std::net::TcpStream::connect(chain.front).unwrap();
+    client
+        .set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // Push until every buffer between the client and the stalled backend is full.
+    let chunk = vec![0x42u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::io::Write::write(&mut client, &chunk).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled backend never pushed back"
+        );
+    }
+    let active = series("sluice_connections_active", &[("listener", "faulty")]);
+    let metrics = scrape_metrics(chain.admin).unwrap();
+    assert_eq!(metrics.get(&active).copied(), Some(1.0));
+
+    let reset_at = Instant::now();
+    reset(client);
+    let deadline = reset_at + Duration::from_secs(5);
+    let closed_after = loop {
+        let metrics = scrape_metrics(chain.admin).unwrap();
+        if metrics.get(&active).copied() == Some(0.0) {
+            break reset_at.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connection of a client that reset behind a stalled backend is still open"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let reason = series(
+        "sluice_connections_closed_total",
+        &[("listener", "faulty"), ("reason", "client_reset")],
+    );
+    let metrics = scrape_metrics(chain.admin).unwrap();
+    assert_eq!(metrics.get(&reason).copied(), Some(1.0));
+    figure(
+        &format!("client reset behind a stalled backend, {workers} worker(s)"),
+        "closed within the reset linger (2 s) + slack, counted client_reset",
+        &format!("closed after {:.2} s", closed_after.as_secs_f64()),
     );
 }

@@ -178,7 +178,7 @@ pub(crate) struct WorkerArgs {
 /// One listener of this worker.
 struct Listening {
     socket: Socket,
-    /// A multishot accept is armed.
+    /// The listener's readiness poll (multishot POLLIN) is armed.
     armed: bool,
     /// Not before this moment (EMFILE back-off).
     paused_until: Option<Instant>,
@@ -1177,8 +1177,8 @@ impl Worker {
             }
         }
         if self.listeners[listener].armed {
-            // A multishot accept that reports an error but stays armed: stop it so that the
-            // pause holds (it is re-armed by `resume_accepts`).
+            // The listener's readiness poll stays armed: stop it so that the pause holds (it
+            // is re-armed by `resume_accepts`, and completes at once if connections wait).
             self.cancel_accept(listener);
         }
     }

@@ -1,11 +1,11 @@
 //! The only crate of Sluice that contains `unsafe`: a small io_uring wrapper for the workers.
 //!
 //! [`Uring`] owns one ring and one provided-buffer ring ([`BufferPool`]) and offers safe methods
-//! that queue the operations the data plane needs (multishot accept, buffer-select receive, send
-//! from a pool buffer, connect, cancel, multishot poll). The memory the kernel reads or writes
+//! that queue the operations the data plane needs (buffer-select receive, send from a pool
+//! buffer, connect, cancel, one-shot and multishot poll, datagram receive and send). The memory the kernel reads or writes
 //! (pool buffers, connect addresses) is owned by `Uring` and outlives the ring: the ring is
-//! declared, and so dropped, first. [`unacked_bytes`] reads SIOCOUTQ;
-//! [`set_notsent_lowat`] bounds what a socket queues unsent.
+//! declared, and so dropped, first. [`unacked_bytes`] reads SIOCOUTQ,
+//! [`unsent_bytes`] SIOCOUTQNSD; [`set_notsent_lowat`] bounds what a socket queues unsent.
 //!
 //! It does not decide anything: no state, no policy, no timers. Completions come back as plain
 //! [`Completion`] values; the caller encodes what an operation was in its `user_data`.
@@ -19,7 +19,7 @@ pub use pool::BufferPool;
 pub use ring::{Completion, DATAGRAM_OP, Features, SetupError, Uring};
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Bytes written to a TCP socket that its peer has not acknowledged yet, plus bytes not sent
 /// yet (SIOCOUTQ). Zero means everything written has been acknowledged.
@@ -80,18 +80,4 @@ pub fn set_notsent_lowat(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Takes ownership of the descriptor an accept completion returned (`result >= 0`).
-///
-/// # Panics
-/// If `fd` is negative: the caller passes only successful accept results.
-pub fn take_accepted_fd(fd: i32) -> OwnedFd {
-    assert!(
-        fd >= 0,
-        "accept results below zero are errors, not descriptors"
-    );
-    // SAFETY: a successful accept completion's result is a descriptor the kernel just created
-    // for this process; nothing else owns it, so it is closed exactly once, by the OwnedFd.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }

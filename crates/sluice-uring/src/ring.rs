@@ -303,14 +303,6 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
-    /// Multishot accept on a listening socket.
-    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) {
-        let entry = opcode::AcceptMulti::new(Fd(fd))
-            .flags(libc::SOCK_CLOEXEC)
-            .build();
-        self.push(entry.user_data(user_data));
-    }
-
     /// One receive into a pool buffer chosen by the kernel when bytes arrive. With
     /// `poll_first`, the kernel waits for readiness before trying (IORING_RECVSEND_POLL_FIRST):
     /// cheaper when the socket is known to be empty, as after a receive that drained it.

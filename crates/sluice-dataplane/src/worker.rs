@@ -45,7 +45,7 @@ const PIPE_SIZE: u32 = 256 * 1024;
 /// bytes are likely waiting), and back when a splice moves less than this (the burst is over).
 const SPLICE_MIN: u32 = 8 * 1024;
 /// Unsent bytes in a sink socket that mark it as not keeping up (no pipe is leased for it).
-const SINK_BACKLOG: u32 = 64 * 1024;
+const SINK_BACKLOG: u32 = 128 * 1024;
 /// How long accepting pauses after EMFILE/ENFILE or another accept error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How often a listener paused by `max_connections` (queue) re-checks for room.
@@ -620,8 +620,10 @@ impl Worker {
         // would sit there until the slow peer drains it. Copy instead, and keep the pipes for
         // sinks that keep up. Without this, a thousand connections to a slow backend held
         // every pipe of the worker, and the fast connections beside them fell back to copying
-        // (`tests/fault_slow.rs`: 64% of their throughput). Bulk throughput to fast sinks did
-        // not move (`bench/ab.sh`, 1 and 8 iperf3 streams: within the run-to-run noise).
+        // (`tests/fault_slow.rs`: 64% of their throughput). The mark is half of
+        // TCP_NOTSENT_LOWAT, below which a backed-up sink's unsent bytes never fall for long;
+        // at 64 KiB fast bulk sinks crossed it often enough to cost 3-4% of 8-stream loopback
+        // throughput, at 128 KiB nothing measurable (`bench/ab.sh`, 16 rounds).
         let sink_backed_up = slot.pipe[dir].is_none()
             && side_socket(slot, side.other()).is_some_and(|sink| {
                 sluice_uring::unsent_bytes(sink).is_ok_and(|n| n >= SINK_BACKLOG)

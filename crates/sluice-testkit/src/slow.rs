@@ -23,48 +23,33 @@ const PEER_BUFFER: usize = 64 * 1024;
 /// Reads a little from many sockets, periodically.
 #[derive(Debug)]
 pub struct SlowReader {
-    shared: Arc<SlowShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-#[derive(Debug)]
-struct SlowShared {
-    streams: Mutex<Vec<TcpStream>>,
-    bytes: AtomicU64,
-    ended: AtomicUsize,
-    stopping: AtomicBool,
+    ticker: Ticker,
 }
 
 impl SlowReader {
     /// Reads at most `read` bytes from each socket every `every`.
     pub fn start(read: usize, every: Duration) -> Self {
-        let shared = Arc::new(SlowShared {
-            streams: Mutex::new(Vec::new()),
-            bytes: AtomicU64::new(0),
-            ended: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
+        let mut buf = vec![0u8; read.max(1)];
+        let ticker = Ticker::start("slow-reader", Vec::new(), every, move |mut stream| {
+            // A read of 0 is the peer's EOF: the socket ended.
+            stream.read(&mut buf).and_then(|n| match n {
+                0 => Err(io::ErrorKind::UnexpectedEof.into()),
+                n => Ok(n),
+            })
         });
-        let looped = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name("slow-reader".into())
-            .spawn(move || read_loop(&looped, read, every))
-            .expect("spawn the slow reader");
-        Self {
-            shared,
-            thread: Some(thread),
-        }
+        Self { ticker }
     }
 
     /// Adds a socket (made non-blocking).
     pub fn add(&self, stream: TcpStream) {
         stream.set_nonblocking(true).expect("non-blocking");
         let _ = SockRef::from(&stream).set_recv_buffer_size(PEER_BUFFER);
-        lock(&self.shared.streams).push(stream);
+        lock(&self.ticker.shared.streams).push(stream);
     }
 
     /// Sockets being read now.
     pub fn len(&self) -> usize {
-        lock(&self.shared.streams).len()
+        lock(&self.ticker.shared.streams).len()
     }
 
     /// True when it reads no socket.
@@ -74,46 +59,94 @@ impl SlowReader {
 
     /// Bytes read so far, over all sockets.
     pub fn bytes(&self) -> u64 {
-        self.shared.bytes.load(Ordering::Relaxed)
+        self.ticker.bytes()
     }
 
     /// Sockets that ended (EOF or error) and were dropped.
     pub fn ended(&self) -> usize {
-        self.shared.ended.load(Ordering::Relaxed)
+        self.ticker.ended()
     }
 }
 
-impl Drop for SlowReader {
-    fn drop(&mut self) {
+/// One thread that applies one non-blocking operation to each of many sockets every tick,
+/// counting the bytes it moved and dropping the sockets whose operation failed.
+#[derive(Debug)]
+struct Ticker {
+    shared: Arc<TickShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct TickShared {
+    streams: Mutex<Vec<TcpStream>>,
+    bytes: AtomicU64,
+    ended: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl Ticker {
+    /// `op` moves bytes on one socket: `Ok(n)` bytes moved, `WouldBlock` nothing this tick,
+    /// any other error ends the socket.
+    fn start(
+        name: &str,
+        streams: Vec<TcpStream>,
+        every: Duration,
+        mut op: impl FnMut(&TcpStream) -> io::Result<usize> + Send + 'static,
+    ) -> Self {
+        let shared = Arc::new(TickShared {
+            streams: Mutex::new(streams),
+            bytes: AtomicU64::new(0),
+            ended: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        let looped = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while !looped.stopping.load(Ordering::Relaxed) {
+                    let round = Instant::now();
+                    lock(&looped.streams).retain(|stream| match op(stream) {
+                        Ok(n) => {
+                            looped.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            true
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(_) => {
+                            looped.ended.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                    });
+                    thread::sleep(every.saturating_sub(round.elapsed()));
+                }
+            })
+            .expect("spawn a slow-peer thread");
+        Self {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    fn ended(&self) -> usize {
+        self.shared.ended.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread and hands back the sockets still open.
+    fn stop(&mut self) -> Vec<TcpStream> {
         self.shared.stopping.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        std::mem::take(&mut *lock(&self.shared.streams))
     }
 }
 
-fn read_loop(shared: &SlowShared, read: usize, every: Duration) {
-    let mut buf = vec![0u8; read.max(1)];
-    while !shared.stopping.load(Ordering::Relaxed) {
-        let round = Instant::now();
-        let mut streams = lock(&shared.streams);
-        streams.retain(|stream| match (&*stream).read(&mut buf) {
-            Ok(0) => {
-                shared.ended.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-            Ok(n) => {
-                shared.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-            Err(_) => {
-                shared.ended.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        });
-        drop(streams);
-        thread::sleep(every.saturating_sub(round.elapsed()));
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -188,8 +221,7 @@ impl Drop for SlowBackend {
 /// Writes to many sockets as much as each takes, periodically.
 #[derive(Debug)]
 pub struct Pusher {
-    shared: Arc<SlowShared>,
-    thread: Option<JoinHandle<()>>,
+    ticker: Ticker,
 }
 
 impl Pusher {
@@ -200,31 +232,21 @@ impl Pusher {
             // See `SlowBackend::start`: the test's own bytes stay out of kernel memory.
             let _ = SockRef::from(stream).set_send_buffer_size(PEER_BUFFER);
         }
-        let shared = Arc::new(SlowShared {
-            streams: Mutex::new(streams),
-            bytes: AtomicU64::new(0),
-            ended: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        let ticker = Ticker::start("pusher", streams, every, move |mut stream| {
+            stream.write(&chunk)
         });
-        let looped = Arc::clone(&shared);
-        let thread = thread::Builder::new()
-            .name("pusher".into())
-            .spawn(move || push_loop(&looped, every))
-            .expect("spawn the pusher");
-        Self {
-            shared,
-            thread: Some(thread),
-        }
+        Self { ticker }
     }
 
     /// Bytes written so far, over all sockets.
     pub fn bytes(&self) -> u64 {
-        self.shared.bytes.load(Ordering::Relaxed)
+        self.ticker.bytes()
     }
 
     /// Sockets whose writes failed (reset, closed) and were dropped.
     pub fn ended(&self) -> usize {
-        self.shared.ended.load(Ordering::Relaxed)
+        self.ticker.ended()
     }
 }
 
@@ -232,34 +254,9 @@ impl Drop for Pusher {
     /// Stops pushing and resets every connection: a plain close would leave the unsent bytes
     /// (and the FIN behind them) queued for as long as the slow side takes to drain them.
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        for stream in lock(&self.shared.streams).drain(..) {
+        for stream in self.ticker.stop() {
             crate::tcp::reset(stream);
         }
-    }
-}
-
-fn push_loop(shared: &SlowShared, every: Duration) {
-    let chunk = vec![0x5a_u8; 64 * 1024];
-    while !shared.stopping.load(Ordering::Relaxed) {
-        let round = Instant::now();
-        let mut streams = lock(&shared.streams);
-        streams.retain(|stream| match (&*stream).write(&chunk) {
-            Ok(n) => {
-                shared.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-            Err(_) => {
-                shared.ended.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        });
-        drop(streams);
-        thread::sleep(every.saturating_sub(round.elapsed()));
     }
 }
 

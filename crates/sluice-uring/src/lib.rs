@@ -24,35 +24,22 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 /// Bytes written to a TCP socket that its peer has not acknowledged yet, plus bytes not sent
 /// yet (SIOCOUTQ). Zero means everything written has been acknowledged.
 pub fn unacked_bytes(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (== TIOCOUTQ) writes one c_int through the pointer, which points to a
-    // live, properly aligned c_int on this stack frame; the fd is borrowed, so it is open.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::TIOCOUTQ,
-            &mut value as *mut libc::c_int,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value.max(0) as u32)
+    socket_queue(fd, libc::TIOCOUTQ)
 }
 
 /// Bytes written to a TCP socket that it has not sent yet (SIOCOUTQNSD): a sink whose peer
-/// keeps up has none; one backed up by a slow peer has some.
+/// keeps up holds few for long; one backed up by a slow peer holds them until the peer reads.
 pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    socket_queue(fd, libc::SIOCOUTQNSD)
+}
+
+/// One of the socket queue ioctls that report a byte count as a c_int.
+fn socket_queue(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u32> {
     let mut value: libc::c_int = 0;
-    // SAFETY: SIOCOUTQNSD writes one c_int through the pointer, which points to a live,
-    // properly aligned c_int on this stack frame; the fd is borrowed, so it is open.
-    let rc = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            libc::SIOCOUTQNSD,
-            &mut value as *mut libc::c_int,
-        )
-    };
+    // SAFETY: SIOCOUTQ (== TIOCOUTQ) and SIOCOUTQNSD write one c_int through the pointer,
+    // which points to a live, properly aligned c_int on this stack frame; the fd is borrowed,
+    // so it is open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value as *mut libc::c_int) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -224,6 +224,18 @@ impl Sluice {
             .count()
     }
 
+    /// Polls the fd count every 10 ms until it is at most `baseline` or `deadline` passes;
+    /// returns the last count (leak checks after a crowd of connections closed).
+    pub fn wait_fd_count_at_most(&self, baseline: usize, deadline: Instant) -> usize {
+        loop {
+            let fds = self.fd_count();
+            if fds <= baseline || Instant::now() >= deadline {
+                return fds;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// User plus system CPU time consumed so far (/proc/PID/stat).
     pub fn cpu_time(&self) -> Duration {
         let stat = self.proc_file("stat");

@@ -127,7 +127,8 @@ fn idle_crowd(workers: usize) {
     // Close them all: every descriptor comes back, the gauge returns to 0.
     let closing = Instant::now();
     drop(crowd);
-    let (fds_after, back_in) = wait_fds(&sluice, fds_before);
+    let fds_after = sluice.wait_fd_count_at_most(fds_before, Instant::now() + IO_TIMEOUT);
+    let back_in = Instant::now();
     assert!(
         fds_after <= fds_before,
         "Sluice holds {fds_after} fds {IO_TIMEOUT:?} after the crowd closed, {fds_before} before"
@@ -180,18 +181,4 @@ fn round_trip(front: SocketAddr, i: usize) -> TcpStream {
 /// Polls `/metrics` until `key` reads `expected` or [`IO_TIMEOUT`] passes; the last value.
 fn wait_value(admin: SocketAddr, key: &str, expected: f64) -> f64 {
     wait_metric(admin, key, expected, IO_TIMEOUT).unwrap_or(f64::NAN)
-}
-
-/// Polls Sluice's fd count until it is at most `baseline` or [`IO_TIMEOUT`] passes; the last
-/// count and when it was read.
-fn wait_fds(sluice: &Sluice, baseline: usize) -> (usize, Instant) {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        let fds = sluice.fd_count();
-        let now = Instant::now();
-        if fds <= baseline || now >= deadline {
-            return (fds, now);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }

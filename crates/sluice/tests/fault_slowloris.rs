@@ -10,7 +10,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
@@ -113,7 +112,7 @@ fn idle_timeout_closes_a_silent_crowd() {
     let counted = wait_metric(admin, &idle_key, crowd as f64, SETTLE);
     assert_eq!(counted, Some(crowd as f64), "{idle_key}");
     // Sluice gave back every descriptor on its own: the clients still hold their ends.
-    let fds_after = wait_fds(&sluice, fds_before);
+    let fds_after = sluice.wait_fd_count_at_most(fds_before, Instant::now() + SETTLE);
     assert!(
         fds_after <= fds_before,
         "Sluice holds {fds_after} fds after closing the crowd, {fds_before} before"
@@ -222,16 +221,4 @@ fn echo(stream: &mut TcpStream, bytes: &[u8]) {
     let mut echoed = vec![0u8; bytes.len()];
     stream.read_exact(&mut echoed).unwrap();
     assert_eq!(echoed, bytes);
-}
-
-/// Polls Sluice's fd count until it is at most `baseline` or [`SETTLE`] passes; the last count.
-fn wait_fds(sluice: &Sluice, baseline: usize) -> usize {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let fds = sluice.fd_count();
-        if fds <= baseline || Instant::now() >= deadline {
-            return fds;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }

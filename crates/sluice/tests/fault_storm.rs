@@ -133,7 +133,8 @@ fn storm_through_sluice(
     let tally = storm(front, rate, duration);
     let storm_ended = Instant::now();
     let cpu = sluice.cpu_time().saturating_sub(cpu_before);
-    let (fds_after, fds_back_in) = wait_fds(&sluice, fds_before, storm_ended);
+    let fds_after = sluice.wait_fd_count_at_most(fds_before, storm_ended + FDS_BACK_WITHIN);
+    let fds_back_in = storm_ended.elapsed();
     let after = accepted_per_worker(admin, workers);
 
     let success = tally.success();
@@ -328,17 +329,4 @@ fn spread(values: &[f64]) -> f64 {
         return f64::NAN;
     }
     (max - min) / mean
-}
-
-/// Polls Sluice's fd count until it is at most `baseline` or [`FDS_BACK_WITHIN`] after `since`
-/// passes; the last count and how long after `since` it was read.
-fn wait_fds(sluice: &Sluice, baseline: usize, since: Instant) -> (usize, Duration) {
-    loop {
-        let fds = sluice.fd_count();
-        let elapsed = since.elapsed();
-        if fds <= baseline || elapsed >= FDS_BACK_WITHIN {
-            return (fds, elapsed);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }

@@ -122,7 +122,6 @@ fn compare(fault: &str, clients: usize, loaded: &Instance, unloaded: &Instance, 
     let (cpu, wall) = (loaded.sluice.cpu_time(), Instant::now());
     thread::sleep(Duration::from_secs(1));
     let idle_share = (loaded.sluice.cpu_time() - cpu).as_secs_f64() / wall.elapsed().as_secs_f64();
-    eprintln!("loaded sluice idle CPU {:.1}%", idle_share * 100.0);
     // Pairs of back-to-back transfers, their order alternating; the median of the pairs'
     // ratios cancels what drifts over the run (other load on the machine).
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
@@ -139,6 +138,7 @@ fn compare(fault: &str, clients: usize, loaded: &Instance, unloaded: &Instance, 
         ratios.push(w / wo);
     }
     let rss_growth_kib = rss_growth_kib.max(loaded.sluice.rss_kib().saturating_sub(rss_before));
+    // Every round, for when the ratio is close to its bound.
     eprintln!("fast MiB/s with slow peers {with:.0?}, without {without:.0?}");
     let kept = median(ratios);
     let (with, without) = (median(with), median(without));
@@ -146,10 +146,12 @@ fn compare(fault: &str, clients: usize, loaded: &Instance, unloaded: &Instance, 
         fault,
         "RSS growth < 64 MiB; fast connection keeps >= 90% of its unloaded throughput",
         &format!(
-            "{clients} slow peers: RSS +{:.1} MiB ({:.1} KiB/peer); fast {with:.0} MiB/s vs \
-             {without:.0} without (medians); median pair ratio {:.0}%",
+            "{clients} slow peers: RSS +{:.1} MiB ({:.1} KiB/peer), Sluice CPU {:.1}% of a core \
+             with only them; fast {with:.0} MiB/s vs {without:.0} without (medians); median \
+             pair ratio {:.0}%",
             rss_growth_kib as f64 / 1024.0,
             rss_growth_kib as f64 / clients as f64,
+            idle_share * 100.0,
             kept * 100.0
         ),
     );

@@ -18,6 +18,11 @@
 //!   [`fd_limit_wrapper`] starts [`Sluice`] under a low RLIMIT_NOFILE it cannot raise.
 //! - [`UdpEchoPool`]: UDP echo backends that prefix each reply with their name and count what
 //!   they receive; a backend can be killed (ICMP port unreachable) and restarted on its address.
+//! - Faults: [`FaultProxy`] (on either leg: [`Fault`] slices writes into 1-64 B segments,
+//!   delays, stalls, blackholes; `reset_all` resets), [`ChildEcho`] (an echo backend in a child
+//!   process, to SIGKILL; the test calls [`serve_if_child`] first), [`SlowBackend`],
+//!   [`SlowReader`] and [`Pusher`] (thousands of slow peers), and [`figure`] / [`tiered`]
+//!   (each fault test's measured figure; sizes of the slow tier).
 //!
 //! What it does not do: it knows nothing of Sluice's crates (it drives the binary from outside,
 //! as a user would), and it never waits without a bound: every wait and loop here has a deadline.

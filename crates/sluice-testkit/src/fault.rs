@@ -145,7 +145,7 @@ impl FaultProxy {
     }
 
     /// Resets every open connection toward both of its peers (SO_LINGER 0, then close, within
-    /// one [`POLL`] tick). Returns how many it reset.
+    /// one pump tick, at most 50 ms). Returns how many it reset.
     pub fn reset_all(&self) -> usize {
         let open = std::mem::take(&mut *self.shared.open.lock().expect("open lock"));
         for conn in &open {

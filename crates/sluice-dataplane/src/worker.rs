@@ -1339,6 +1339,13 @@ impl Worker {
         };
         self.free_slots.push(index);
         self.live -= 1;
+        // A pipe still holding bytes (the connection closed while its sink was full: reset,
+        // idle, drain, shutdown) goes back too; the pool closes it rather than reuse it. Kept,
+        // it was a lease and two fds lost for the life of the process
+        // (`tests/pipe_release.rs`).
+        for pipe in slot.pipe.iter().flatten() {
+            self.pipes.give_back(*pipe);
+        }
         let counters = &self.counters.listeners[slot.listener];
         counters.active.sub(1);
         if slot.backend_counted

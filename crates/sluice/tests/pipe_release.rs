@@ -1,0 +1,261 @@
+//! Splice pipes come back to the pool however a connection ends (issue 11, item 2).
+//!
+//! A client pushes bulk bytes toward a backend that never reads, so the direction switches to
+//! splicing and its leased pipe still holds bytes when the connection closes. Whether it ends
+//! by the idle timeout or by the client's reset, the pipe must be given back (a pipe with bytes
+//! in it is closed, never reused): `sluice_pipes_leased` returns to 0 after every round and the
+//! process's sockets return to their count at start. Before the fix every such pipe stayed
+//! leased, with its two fds, for the life of the process; after 256 of them a worker never
+//! spliced again.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Listener, binary, config};
+use sluice_testkit::{Sluice, free_addr, scrape_metrics, series};
+
+/// Connections per round; each leases one pipe.
+const CONNECTIONS: usize = 12;
+/// How long the clients push, and how long of it the sink reads.
+const PUSH_TIME: Duration = Duration::from_secs(1);
+const READ_TIME: Duration = Duration::from_millis(300);
+/// Batches of connections a round may open before one of them is caught with bytes in a pipe
+/// (each batch catches several: this bounds a machine where timing differs).
+const BATCHES_MAX: usize = 5;
+/// Generous bound for the closes and the gauge to settle in a debug build.
+const SETTLE: Duration = Duration::from_secs(15);
+
+with_workers_1_and_2!(pipes_holding_bytes_are_given_back_when_connections_close);
+
+/// A backend that reads its connections while `reading` is set and then stops for good: a
+/// direction that was splicing fast is caught with bytes in its pipe when the sink's socket
+/// fills (a sink that never read would have been backed up before any pipe was leased).
+struct Sink {
+    addr: SocketAddr,
+    reading: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the sink");
+        listener.set_nonblocking(true).expect("non-blocking sink");
+        let addr = listener.local_addr().expect("sink address");
+        let reading = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (Arc::clone(&reading), Arc::clone(&stop));
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+                thread::spawn(move || drain_then_hold(stream, &r, &s));
+            }
+        });
+        Sink {
+            addr,
+            reading,
+            stop,
+        }
+    }
+}
+
+/// Reads while `reading`, then holds the connection unread until it ends or `stop`.
+fn drain_then_hold(mut stream: TcpStream, reading: &AtomicBool, stop: &AtomicBool) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 256 * 1024];
+    while reading.load(Ordering::Relaxed) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+    // Held unread: its receive window closes and Sluice's socket toward it fills.
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(20));
+        if stream.peek(&mut buf[..1]).is_ok_and(|n| n == 0) {
+            return;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Connects `n` clients through `front` and has them push as fast as the path takes for a
+/// second, while the sink reads only the first 300 ms; returns them open.
+fn push_clients(front: SocketAddr, sink: &Sink, n: usize) -> Vec<TcpStream> {
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    sink.reading.store(true, Ordering::Relaxed);
+    let mut clients: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let stream = TcpStream::connect(front).expect("connect through sluice");
+            stream.set_nonblocking(true).unwrap();
+            stream
+        })
+        .collect();
+    let start = Instant::now();
+    while start.elapsed() < PUSH_TIME {
+        if start.elapsed() > READ_TIME {
+            sink.reading.store(false, Ordering::Relaxed);
+        }
+        for stream in &mut clients {
+            match stream.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("push through sluice: {e}"),
+            }
+        }
+    }
+    sink.reading.store(false, Ordering::Relaxed);
+    clients
+}
+
+fn metric(admin: SocketAddr, key: &str) -> f64 {
+    scrape_metrics(admin)
+        .expect("scrape /metrics")
+        .get(key)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// One round: connections whose pipes hold bytes, then closed by `end` (idle timeout, or the
+/// client's reset); every pipe is given back once they have closed.
+fn round(admin: SocketAddr, front: SocketAddr, sink: &Sink, reset: bool) {
+    let how = if reset {
+        "client reset"
+    } else {
+        "idle timeout"
+    };
+    let closed_before = closed(admin);
+    // Every connection is stalled once the push is over, and an empty pipe goes back at
+    // once: a pipe still leased now holds bytes.
+    let mut clients = Vec::new();
+    for _ in 0..BATCHES_MAX {
+        clients.extend(push_clients(front, sink, CONNECTIONS));
+        if metric(admin, "sluice_pipes_leased") >= 1.0 {
+            break;
+        }
+    }
+    let leased = metric(admin, "sluice_pipes_leased");
+    assert!(
+        leased >= 1.0,
+        "no pipe held bytes after {BATCHES_MAX} batches: the test no longer exercises the leak"
+    );
+    let connections = clients.len() as f64;
+    if reset {
+        for client in &clients {
+            socket2::SockRef::from(client)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(clients);
+    }
+    let deadline = Instant::now() + SETTLE;
+    while closed(admin) < closed_before + connections && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let ended = closed(admin) - closed_before;
+    assert!(
+        ended >= connections,
+        "only {ended} of {connections} connections closed ({how})"
+    );
+    let mut leased = metric(admin, "sluice_pipes_leased");
+    while leased > 0.0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        leased = metric(admin, "sluice_pipes_leased");
+    }
+    assert_eq!(
+        leased, 0.0,
+        "pipes still leased after every connection closed ({how})"
+    );
+}
+
+/// Connections of the listener closed by the idle timeout or a client's reset (a client of a
+/// reset round may have met its idle timeout first).
+fn closed(admin: SocketAddr) -> f64 {
+    ["idle_timeout", "client_reset"]
+        .iter()
+        .map(|reason| {
+            let key = series(
+                "sluice_connections_closed_total",
+                &[("listener", "bulk"), ("reason", reason)],
+            );
+            metric(admin, &key)
+        })
+        .sum()
+}
+
+fn pipes_holding_bytes_are_given_back_when_connections_close(workers: usize) {
+    let sink = Sink::start();
+    let admin = free_addr();
+    let bulk = Listener::new("bulk", &[sink.addr]).with("timeouts: { idle: 3s }");
+    let sluice = Sluice::start(
+        binary(),
+        &config(workers, Some(admin), &[], std::slice::from_ref(&bulk)),
+    );
+    let baseline = fds_by_kind(&sluice);
+    // Two rounds of each ending. A pipe kept by a closed connection shows as a lease that
+    // never ends (checked in each round); its connection's sockets must be gone too.
+    for reset in [false, true, false, true] {
+        round(admin, bulk.bind, &sink, reset);
+    }
+    let deadline = Instant::now() + SETTLE;
+    let mut after = fds_by_kind(&sluice);
+    while after.sockets > baseline.sockets && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        after = fds_by_kind(&sluice);
+    }
+    // Pipes returned empty stay open in the pool for reuse (two fds each, bounded by the
+    // pool); leased ones hold bytes, and none is leased now.
+    eprintln!("fds: {baseline:?} at start, {after:?} after four rounds");
+    assert!(
+        after.sockets <= baseline.sockets,
+        "sockets: {} at start, {} after every connection closed",
+        baseline.sockets,
+        after.sockets
+    );
+}
+
+/// Sluice's open fds: sockets, and pipe ends.
+#[derive(Debug, Clone, Copy)]
+struct Fds {
+    sockets: usize,
+    pipes: usize,
+}
+
+fn fds_by_kind(sluice: &Sluice) -> Fds {
+    let mut fds = Fds {
+        sockets: 0,
+        pipes: 0,
+    };
+    let dir = format!("/proc/{}/fd", sluice.pid());
+    for entry in std::fs::read_dir(&dir)
+        .expect("read /proc/PID/fd")
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if target.starts_with("socket:") {
+            fds.sockets += 1;
+        } else if target.starts_with("pipe:") {
+            fds.pipes += 1;
+        }
+    }
+    fds
+}

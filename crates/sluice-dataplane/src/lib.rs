@@ -89,9 +89,11 @@ pub struct UdpPlan {
 pub enum BackendEvent {
     /// A connect attempt failed (refused, timed out, unreachable).
     ConnectFailed,
-    /// An established connection was reset by the backend.
+    /// An established connection was reset by the backend before any client byte reached it
+    /// (a reset after one may be the server's answer to what the client sent).
     Reset,
-    /// A connect succeeded after failures: the run of failures is over.
+    /// A connection's first client byte reached the backend after failures: the run of
+    /// failures is over.
     Recovered,
 }
 

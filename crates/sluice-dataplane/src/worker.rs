@@ -205,6 +205,11 @@ struct Slot {
     timer_at: Option<Instant>,
     /// Counted in the backend's active gauge.
     backend_counted: bool,
+    /// A client byte was written to the backend. A reset after that may be the server's
+    /// answer to what the client sent (servers reset when they close with unread input), so
+    /// only a reset before it counts against the backend's passive health, and only from then
+    /// on does the connection count as a success.
+    client_bytes_forwarded: bool,
     /// Counted in the backend's shared count of active connections (which `least_connections`
     /// and `power_of_two` read) from the pick until the close begins.
     load: Option<ActiveGuard>,
@@ -487,11 +492,6 @@ impl Worker {
                 counters.connections_active.add(1);
                 slot.backend_counted = true;
             }
-            if let Some(guard) = &slot.load
-                && guard.load().clear_failing()
-            {
-                report(&self.config, slot.listener, guard, BackendEvent::Recovered);
-            }
             // Connected through io_uring on a blocking socket (a non-blocking one would make
             // the connect report EINPROGRESS); from now on it is non-blocking like the
             // client's, for splice(2).
@@ -588,11 +588,23 @@ impl Worker {
         slot.conn.handle_sent(to, outcome, now);
     }
 
-    /// Bytes written toward `to`, in the backend's counters.
-    fn count_sent(&self, index: u32, to: Side, n: u32) {
-        let Some(slot) = self.slots[index as usize].as_ref() else {
+    /// Bytes written toward `to`: in the backend's counters, and for passive health (see
+    /// `client_bytes_forwarded`).
+    fn count_sent(&mut self, index: u32, to: Side, n: u32) {
+        let Some(slot) = self.slots[index as usize].as_mut() else {
             return;
         };
+        if to == Side::Backend && n > 0 && !slot.client_bytes_forwarded {
+            slot.client_bytes_forwarded = true;
+            // The backend took a client byte: from now on this connection says the backend
+            // works (a connect alone does not: a backend that resets every connection at once
+            // would recover on each connect and never be ejected).
+            if let Some(guard) = &slot.load
+                && guard.load().clear_failing()
+            {
+                report(&self.config, slot.listener, guard, BackendEvent::Recovered);
+            }
+        }
         let listener = &self.counters.listeners[slot.listener];
         if let Some(b) = slot
             .backend_id
@@ -830,7 +842,10 @@ impl Worker {
                 slot.conn.handle_unacked(side, unacked, now);
             }
             Action::Close(reason) => {
+                // What a client can provoke says nothing about the backend: see
+                // `client_bytes_forwarded` (`tests/passive_junk.rs`).
                 if reason.kind == CloseKind::BackendReset
+                    && !slot.client_bytes_forwarded
                     && let Some(guard) = &slot.load
                 {
                     guard.load().mark_failing();
@@ -1113,6 +1128,7 @@ impl Worker {
             closing: None,
             timer_at: None,
             backend_counted: false,
+            client_bytes_forwarded: false,
             load: None,
             splicing: [false; 2],
             pipe: [None; 2],

@@ -16,6 +16,7 @@
 mod counters;
 mod pipes;
 mod sockets;
+mod timers;
 mod worker;
 
 use std::net::SocketAddr;

@@ -1,8 +1,7 @@
 //! One worker: a ring, its listeners, its connection slab and the completion loop that turns
 //! completions into `Conn` events and `Conn` actions into submissions.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -22,6 +21,7 @@ mod udp;
 
 use crate::counters::WorkerCounters;
 use crate::pipes::{PipeId, PipePool, Spliced};
+use crate::timers::Timers;
 use crate::{
     BackendEvent, CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets,
 };
@@ -201,8 +201,6 @@ struct Slot {
     /// Operations submitted and not yet completed: the slot is freed only at zero.
     in_flight: u16,
     closing: Option<CloseReason>,
-    /// The deadline registered in the timer heap, if any.
-    timer_at: Option<Instant>,
     /// Counted in the backend's active gauge.
     backend_counted: bool,
     /// A client byte was written to the backend. A reset after that may be the server's
@@ -234,7 +232,7 @@ struct Worker {
     slots: Vec<Option<Slot>>,
     free_slots: Vec<u32>,
     live: usize,
-    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    timers: Timers,
     /// Connections whose receive found the pool empty, oldest first.
     buffer_waiters: VecDeque<u32>,
     /// Connections accepted while no fd was left for their backend socket (see `park`).
@@ -352,7 +350,7 @@ impl Worker {
             slots: Vec::new(),
             free_slots: Vec::new(),
             live: 0,
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             buffer_waiters: VecDeque::new(),
             queued: VecDeque::new(),
             snapshot,
@@ -375,7 +373,6 @@ impl Worker {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
-            self.drop_stale_timers();
             let timeout = self.sleep_for(Instant::now());
             self.ring.submit_and_wait(Some(timeout))?;
             let mut completions = std::mem::take(&mut self.completions);
@@ -403,10 +400,11 @@ impl Worker {
     }
 
     /// How long the next wait may last: until the earliest timer, capped.
-    fn sleep_for(&self, now: Instant) -> Duration {
+    fn sleep_for(&mut self, now: Instant) -> Duration {
         let mut until = now + MAX_SLEEP;
-        if let Some(Reverse((at, _))) = self.timers.peek() {
-            until = until.min(*at);
+        // Stale entries are dropped here, so that the sleep is not cut short for them.
+        if let Some(at) = self.timers.next() {
+            until = until.min(at);
         }
         for l in &self.listeners {
             if let Some(at) = l.paused_until {
@@ -486,6 +484,14 @@ impl Worker {
                 .backends
                 .get(b.index())
         });
+        if slot.closing.is_some() {
+            // The connection closed while connecting (drain, shutdown). Its connect either was
+            // cancelled by the close, which says nothing about the backend, or completed
+            // before the cancel reached it: then arm nothing more, since a watch armed now
+            // would never be cancelled (the close's cancels went out before it existed) and
+            // the slot would never be freed.
+            return;
+        }
         if result >= 0 {
             if let Some(counters) = counters {
                 counters.connections.add(1);
@@ -740,36 +746,10 @@ impl Worker {
             self.free(index);
             return;
         }
-        match slot.conn.poll_timeout() {
-            // No deadline any more (a connect that completed, on a listener without an idle
-            // timeout): the heap entry left behind is stale and is dropped before the worker
-            // sleeps, so it costs no wake-up (it cost one per connection).
-            None => slot.timer_at = None,
-            Some(at) if slot.timer_at.is_none_or(|t| at < t) => {
-                slot.timer_at = Some(at);
-                self.timers.push(Reverse((at, index)));
-            }
-            // A later deadline (activity moved the idle timeout on): the earlier entry fires,
-            // finds nothing due and registers this one; one wake-up per idle period instead of
-            // one heap entry per byte.
-            Some(_) => {}
-        }
-    }
-
-    /// Pops the stale entries at the top of the timer heap, so that the sleep is not cut
-    /// short for them.
-    fn drop_stale_timers(&mut self) {
-        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
-            let live = self
-                .slots
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|slot| slot.timer_at == Some(at));
-            if live {
-                return;
-            }
-            self.timers.pop();
-        }
+        // No deadline any more (a connect that completed, on a listener without an idle
+        // timeout) costs no wake-up; a later one (activity moved the idle timeout on) costs
+        // one per idle period: see `timers.rs`.
+        self.timers.set(index, slot.conn.poll_timeout());
     }
 
     fn act(&mut self, index: u32, action: Action<Buf>, now: Instant) {
@@ -1062,6 +1042,7 @@ impl Worker {
         };
         self.free_slots.push(index);
         self.live -= 1;
+        self.timers.clear(index);
         let listener = slot.listener;
         let counters = &self.counters.listeners[listener];
         counters.accepted.sub(1);
@@ -1126,7 +1107,6 @@ impl Worker {
             tried: Vec::new(),
             in_flight: 0,
             closing: None,
-            timer_at: None,
             backend_counted: false,
             client_bytes_forwarded: false,
             load: None,
@@ -1251,18 +1231,10 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
-        while let Some(Reverse((at, index))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(index) = self.timers.pop_due(now) {
             let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::as_mut) else {
                 continue;
             };
-            if slot.timer_at != Some(at) {
-                continue; // Stale: a newer deadline was registered.
-            }
-            slot.timer_at = None;
             slot.conn.handle_timeout(now);
             self.drive(index, now);
         }
@@ -1355,6 +1327,7 @@ impl Worker {
         };
         self.free_slots.push(index);
         self.live -= 1;
+        self.timers.clear(index);
         // A pipe still holding bytes (the connection closed while its sink was full: reset,
         // idle, drain, shutdown) goes back too; the pool closes it rather than reuse it. Kept,
         // it was a lease and two fds lost for the life of the process

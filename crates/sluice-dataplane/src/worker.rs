@@ -196,6 +196,8 @@ struct Slot {
     client_addr: SocketAddr,
     backend: Option<Socket>,
     backend_id: Option<BackendId>,
+    /// The address of `backend_id`, for the log.
+    backend_addr: Option<SocketAddr>,
     /// Backends already tried (allocated only on a retry).
     tried: Vec<BackendId>,
     /// Operations submitted and not yet completed: the slot is freed only at zero.
@@ -531,7 +533,12 @@ impl Worker {
             libc::ECANCELED | libc::ETIMEDOUT => ConnectError::TimedOut,
             _ => ConnectError::Other,
         };
-        tracing::debug!(backend = ?slot.backend_id, errno = -result, "connect failed");
+        tracing::debug!(
+            listener = %self.config.listeners[slot.listener].name,
+            backend = %DisplayAddr(slot.backend_addr),
+            error = %io::Error::from_raw_os_error(-result),
+            "connect failed"
+        );
         // The failed socket is closed now; a retry opens a new one.
         slot.backend = None;
         slot.conn.handle_connect_failed(error, now);
@@ -834,8 +841,9 @@ impl Worker {
                 slot.load = None;
                 self.counters.listeners[slot.listener].closed[reason.kind.index()].add(1);
                 tracing::debug!(
+                    listener = %self.config.listeners[slot.listener].name,
                     client = %slot.client_addr,
-                    backend = ?slot.backend_id,
+                    backend = %DisplayAddr(slot.backend_addr),
                     reason = reason.kind.as_str(),
                     "connection closed"
                 );
@@ -941,6 +949,7 @@ impl Worker {
         // Replacing the guard uncounts the backend of the previous attempt.
         slot.load = Some(backend.open());
         slot.backend_id = Some(id);
+        slot.backend_addr = Some(addr);
         match sockets::backend_socket(addr, &self.config.listeners[listener].sockets) {
             Ok(socket) => {
                 let fd = socket.as_raw_fd();
@@ -1104,6 +1113,7 @@ impl Worker {
             client_addr,
             backend: None,
             backend_id: None,
+            backend_addr: None,
             tried: Vec::new(),
             in_flight: 0,
             closing: None,
@@ -1347,6 +1357,18 @@ impl Worker {
         self.shared.listener_active[slot.listener].fetch_sub(1, Ordering::Relaxed);
         self.shared.total_active.fetch_sub(1, Ordering::Relaxed);
         drop(slot);
+    }
+}
+
+/// An address for the log, or `none` (a connection closed before any backend was picked).
+struct DisplayAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for DisplayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("none"),
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! Keys of the reference that belong to capabilities not built yet (health checks, UDP,
 //! algorithms other than round robin, ...) are recognised and rejected as "not yet
 //! supported" at their own line, so the reference example always fails clearly.
+//! [`known_keys`] lists every key, built or reserved, from the same schemas the checks use.
 //!
 //! What this crate deliberately does not do: no I/O beyond reading the file in [`load`]; no
 //! DNS (a backend hostname stays a [`BackendAddress::Host`] for the binary to resolve); no
@@ -20,6 +21,7 @@
 //! documents (alias bombs, deep nesting, huge files).
 
 mod error;
+mod keys;
 mod scalar;
 mod tree;
 mod validate;
@@ -32,6 +34,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use keys::{Key, Support, known_keys};
 
 /// The largest config file accepted, in bytes. Thousands of backends fit in far less.
 pub const FILE_BYTES_MAX: usize = 4 * 1024 * 1024;

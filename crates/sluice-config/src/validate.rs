@@ -35,12 +35,28 @@ pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, ConfigErrors> {
     Err(ConfigErrors(walker.errors))
 }
 
-/// The keys a mapping may hold: those this crate implements, and those from the design's
-/// reference that are accepted by the schema but rejected as not yet supported.
-struct Schema {
-    supported: &'static [&'static str],
-    unsupported: &'static [&'static str],
+/// The keys a mapping may hold: those this crate implements, and those reserved for
+/// capabilities not built yet, which are rejected as not yet supported at their own line.
+pub(crate) struct Schema {
+    pub(crate) supported: &'static [&'static str],
+    pub(crate) unsupported: &'static [&'static str],
 }
+
+/// Every mapping a config may hold, by its place in the file (`[]`: each item of a list). It
+/// is the one list of keys: [`crate::known_keys`] reads it, and `mapping` checks (in debug
+/// builds) that each schema it applies is here, at the place it applies it.
+pub(crate) const SCHEMAS: &[(&str, &Schema)] = &[
+    ("", &TOP),
+    ("admin", &ADMIN),
+    ("listeners[]", &LISTENER),
+    ("listeners[].backends[]", &BACKEND),
+    ("listeners[].timeouts", &TIMEOUTS),
+    ("listeners[].keepalive", &keepalive::KEEPALIVE),
+    ("listeners[].maglev", &MAGLEV),
+    ("listeners[].ring_hash", &RING_HASH),
+    ("listeners[].health", &health::HEALTH),
+    ("listeners[].passive", &health::PASSIVE),
+];
 
 const TOP: Schema = Schema {
     supported: &["workers", "shutdown_timeout", "admin", "listeners"],
@@ -689,6 +705,13 @@ impl Walker<'_> {
     /// Checks that `node` is a mapping with string keys from `schema`; reports unknown keys
     /// and keys that are not yet supported, each at its own position.
     fn mapping<'n>(&mut self, node: &'n Node, path: &str, schema: &Schema) -> Option<Fields<'n>> {
+        debug_assert!(
+            SCHEMAS.iter().any(|(place, s)| *place == place_of(path)
+                && s.supported == schema.supported
+                && s.unsupported == schema.unsupported),
+            "the schema applied at {path:?} is not in SCHEMAS at {:?}",
+            place_of(path)
+        );
         let Value::Map(entries) = &node.value else {
             let what = if path.is_empty() {
                 "a mapping of settings"
@@ -802,6 +825,25 @@ impl Walker<'_> {
         self.errors
             .push(ConfigError::new(self.file, at, field, message));
     }
+}
+
+/// The place of a field path in [`SCHEMAS`]: `listeners[2].backends[0]` is
+/// `listeners[].backends[]`.
+fn place_of(path: &str) -> String {
+    let mut place = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => in_index = true,
+            ']' => {
+                in_index = false;
+                place.push_str("[]");
+            }
+            _ if in_index => {}
+            _ => place.push(c),
+        }
+    }
+    place
 }
 
 fn join(path: &str, key: &str) -> String {

@@ -60,12 +60,20 @@ pub(crate) const SCHEMAS: &[(&str, &Schema)] = &[
 
 const TOP: Schema = Schema {
     supported: &["workers", "shutdown_timeout", "admin", "listeners"],
-    unsupported: &[],
+    unsupported: &[
+        "config_watch",
+        "io_backend",
+        "forwarding",
+        "shutdown_delay",
+        "log",
+        "access_log",
+        "resolver",
+    ],
 };
 
 const ADMIN: Schema = Schema {
     supported: &["bind"],
-    unsupported: &[],
+    unsupported: &["token_file"],
 };
 
 const LISTENER: Schema = Schema {
@@ -94,13 +102,24 @@ const LISTENER: Schema = Schema {
         "requests",
         "per_packet",
     ],
-    unsupported: &[],
+    unsupported: &[
+        "on_backend_down",
+        "proxy_protocol",
+        "send_proxy_protocol",
+        "allow",
+        "deny",
+        "per_source",
+        "tls",
+    ],
 };
 
 const BACKEND: Schema = Schema {
     supported: &["address", "weight", "backup"],
-    unsupported: &[],
+    unsupported: &["name", "dns", "port", "refresh", "srv", "health"],
 };
+
+/// Backend keys that stand in for `address` (a backend found through DNS).
+const BACKEND_DISCOVERY: &[&str] = &["dns", "srv"];
 
 const TIMEOUTS: Schema = Schema {
     supported: &["connect", "idle", "half_close", "user_timeout"],
@@ -167,6 +186,8 @@ struct Seen {
 /// A mapping's entries, looked up by key.
 struct Fields<'n> {
     entries: Vec<(&'n str, &'n Node)>,
+    /// Keys written that are not yet supported (already reported).
+    reserved: Vec<&'n str>,
     location: Location,
 }
 
@@ -628,7 +649,14 @@ impl Walker<'_> {
                 };
                 let field = format!("{path}.address");
                 let Some(address) = fields.get("address") else {
-                    self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
+                    // A backend found through DNS has no address; its keys are reported already.
+                    if !fields
+                        .reserved
+                        .iter()
+                        .any(|k| BACKEND_DISCOVERY.contains(k))
+                    {
+                        self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
+                    }
                     return None;
                 };
                 (address, field, weight?, backup?)
@@ -722,6 +750,7 @@ impl Walker<'_> {
         };
         let mut fields = Fields {
             entries: Vec::with_capacity(entries.len()),
+            reserved: Vec::new(),
             location: node.location,
         };
         for (key, value) in entries {
@@ -733,6 +762,7 @@ impl Walker<'_> {
             let field = join(path, &name.escape_debug().to_string());
             if schema.unsupported.contains(&name.as_str()) {
                 self.error(key.location, field, format!("{name} is not yet supported"));
+                fields.reserved.push(name);
             } else if schema.supported.contains(&name.as_str()) {
                 fields.entries.push((name, value));
             } else {

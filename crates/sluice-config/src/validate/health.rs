@@ -33,7 +33,7 @@ pub(super) const HEALTH: Schema = Schema {
         "user",
         "database",
     ],
-    unsupported: &[],
+    unsupported: &["username", "tls", "ca_file", "sslmode", "single_primary"],
 };
 
 /// The check-specific keys of each check.

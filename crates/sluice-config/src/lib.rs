@@ -1,16 +1,17 @@
 //! Sluice's configuration: the YAML file users write, checked and turned into typed values.
 //!
 //! [`load`] reads a file and [`parse`] checks its text against the reference in
-//! `DESIGN.md` ("Config (YAML)"). The result is a [`Config`] (global settings and a list of
+//! `docs/config.md`. The result is a [`Config`] (global settings and a list of
 //! [`Listener`]s, each with its [`BackendSpec`]s, [`Timeouts`] and [`Keepalive`]), or [`ConfigErrors`]: every
 //! problem found in the file, each a [`ConfigError`] naming file, line, column and field and
 //! saying what was expected. Unknown fields are reported even when a required field is also
 //! missing, because the file is checked by walking a position-carrying YAML tree by hand
 //! rather than by a derived `Deserialize` that stops at the first error.
 //!
-//! Keys of the reference that belong to capabilities not built yet (health checks, UDP,
-//! algorithms other than round robin, ...) are recognised and rejected as "not yet
-//! supported" at their own line, so the reference example always fails clearly.
+//! Keys reserved for capabilities not built yet (TLS routing, PROXY protocol, DNS discovery,
+//! access logs, ...) are recognised and rejected as "not yet supported" at their own line,
+//! never as unknown fields. [`known_keys`] lists every key, built or reserved, from the same
+//! schemas the checks use: the config reference, `docs/config.md`, is tested against it.
 //!
 //! What this crate deliberately does not do: no I/O beyond reading the file in [`load`]; no
 //! DNS (a backend hostname stays a [`BackendAddress::Host`] for the binary to resolve); no
@@ -20,6 +21,7 @@
 //! documents (alias bombs, deep nesting, huge files).
 
 mod error;
+mod keys;
 mod scalar;
 mod tree;
 mod validate;
@@ -32,6 +34,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use keys::{Key, Support, known_keys};
 
 /// The largest config file accepted, in bytes. Thousands of backends fit in far less.
 pub const FILE_BYTES_MAX: usize = 4 * 1024 * 1024;

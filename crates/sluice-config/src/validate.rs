@@ -35,21 +35,45 @@ pub(crate) fn config(root: &Node, file: &Path) -> Result<Config, ConfigErrors> {
     Err(ConfigErrors(walker.errors))
 }
 
-/// The keys a mapping may hold: those this crate implements, and those from the design's
-/// reference that are accepted by the schema but rejected as not yet supported.
-struct Schema {
-    supported: &'static [&'static str],
-    unsupported: &'static [&'static str],
+/// The keys a mapping may hold: those this crate implements, and those reserved for
+/// capabilities not built yet, which are rejected as not yet supported at their own line.
+pub(crate) struct Schema {
+    pub(crate) supported: &'static [&'static str],
+    pub(crate) unsupported: &'static [&'static str],
 }
+
+/// Every mapping a config may hold, by its place in the file (`[]`: each item of a list). It
+/// is the one list of keys: [`crate::known_keys`] reads it, and `mapping` checks (in debug
+/// builds) that each schema it applies is here, at the place it applies it.
+pub(crate) const SCHEMAS: &[(&str, &Schema)] = &[
+    ("", &TOP),
+    ("admin", &ADMIN),
+    ("listeners[]", &LISTENER),
+    ("listeners[].backends[]", &BACKEND),
+    ("listeners[].timeouts", &TIMEOUTS),
+    ("listeners[].keepalive", &keepalive::KEEPALIVE),
+    ("listeners[].maglev", &MAGLEV),
+    ("listeners[].ring_hash", &RING_HASH),
+    ("listeners[].health", &health::HEALTH),
+    ("listeners[].passive", &health::PASSIVE),
+];
 
 const TOP: Schema = Schema {
     supported: &["workers", "shutdown_timeout", "admin", "listeners"],
-    unsupported: &[],
+    unsupported: &[
+        "config_watch",
+        "io_backend",
+        "forwarding",
+        "shutdown_delay",
+        "log",
+        "access_log",
+        "resolver",
+    ],
 };
 
 const ADMIN: Schema = Schema {
     supported: &["bind"],
-    unsupported: &[],
+    unsupported: &["token_file"],
 };
 
 const LISTENER: Schema = Schema {
@@ -78,13 +102,24 @@ const LISTENER: Schema = Schema {
         "requests",
         "per_packet",
     ],
-    unsupported: &[],
+    unsupported: &[
+        "on_backend_down",
+        "proxy_protocol",
+        "send_proxy_protocol",
+        "allow",
+        "deny",
+        "per_source",
+        "tls",
+    ],
 };
 
 const BACKEND: Schema = Schema {
     supported: &["address", "weight", "backup"],
-    unsupported: &[],
+    unsupported: &["name", "dns", "port", "refresh", "srv", "health"],
 };
+
+/// Backend keys that stand in for `address` (a backend found through DNS).
+const BACKEND_DISCOVERY: &[&str] = &["dns", "srv"];
 
 const TIMEOUTS: Schema = Schema {
     supported: &["connect", "idle", "half_close", "user_timeout"],
@@ -151,6 +186,8 @@ struct Seen {
 /// A mapping's entries, looked up by key.
 struct Fields<'n> {
     entries: Vec<(&'n str, &'n Node)>,
+    /// Keys written that are not yet supported (already reported).
+    reserved: Vec<&'n str>,
     location: Location,
 }
 
@@ -612,7 +649,14 @@ impl Walker<'_> {
                 };
                 let field = format!("{path}.address");
                 let Some(address) = fields.get("address") else {
-                    self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
+                    // A backend found through DNS has no address; its keys are reported already.
+                    if !fields
+                        .reserved
+                        .iter()
+                        .any(|k| BACKEND_DISCOVERY.contains(k))
+                    {
+                        self.missing(fields.location, &field, "an address like \"10.0.0.1:6379\"");
+                    }
                     return None;
                 };
                 (address, field, weight?, backup?)
@@ -689,6 +733,13 @@ impl Walker<'_> {
     /// Checks that `node` is a mapping with string keys from `schema`; reports unknown keys
     /// and keys that are not yet supported, each at its own position.
     fn mapping<'n>(&mut self, node: &'n Node, path: &str, schema: &Schema) -> Option<Fields<'n>> {
+        debug_assert!(
+            SCHEMAS.iter().any(|(place, s)| *place == place_of(path)
+                && s.supported == schema.supported
+                && s.unsupported == schema.unsupported),
+            "the schema applied at {path:?} is not in SCHEMAS at {:?}",
+            place_of(path)
+        );
         let Value::Map(entries) = &node.value else {
             let what = if path.is_empty() {
                 "a mapping of settings"
@@ -699,6 +750,7 @@ impl Walker<'_> {
         };
         let mut fields = Fields {
             entries: Vec::with_capacity(entries.len()),
+            reserved: Vec::new(),
             location: node.location,
         };
         for (key, value) in entries {
@@ -710,6 +762,7 @@ impl Walker<'_> {
             let field = join(path, &name.escape_debug().to_string());
             if schema.unsupported.contains(&name.as_str()) {
                 self.error(key.location, field, format!("{name} is not yet supported"));
+                fields.reserved.push(name);
             } else if schema.supported.contains(&name.as_str()) {
                 fields.entries.push((name, value));
             } else {
@@ -802,6 +855,25 @@ impl Walker<'_> {
         self.errors
             .push(ConfigError::new(self.file, at, field, message));
     }
+}
+
+/// The place of a field path in [`SCHEMAS`]: `listeners[2].backends[0]` is
+/// `listeners[].backends[]`.
+fn place_of(path: &str) -> String {
+    let mut place = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => in_index = true,
+            ']' => {
+                in_index = false;
+                place.push_str("[]");
+            }
+            _ if in_index => {}
+            _ => place.push(c),
+        }
+    }
+    place
 }
 
 fn join(path: &str, key: &str) -> String {

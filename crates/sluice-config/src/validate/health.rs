@@ -13,7 +13,7 @@ use crate::Listener;
 use crate::tree::{Node, Value};
 
 /// Every key `health` may hold; which ones apply depends on `check` (see `CHECK_KEYS`).
-const HEALTH: Schema = Schema {
+pub(super) const HEALTH: Schema = Schema {
     supported: &[
         "check",
         "interval",
@@ -33,7 +33,7 @@ const HEALTH: Schema = Schema {
         "user",
         "database",
     ],
-    unsupported: &[],
+    unsupported: &["username", "tls", "ca_file", "sslmode", "single_primary"],
 };
 
 /// The check-specific keys of each check.
@@ -50,7 +50,7 @@ const CHECK_KEYS: &[(&str, &[&str])] = &[
 
 const COMMON_KEYS: &[&str] = &["check", "interval", "timeout", "rise", "fall"];
 
-const PASSIVE: Schema = Schema {
+pub(super) const PASSIVE: Schema = Schema {
     supported: &[
         "consecutive_failures",
         "ejection_time",

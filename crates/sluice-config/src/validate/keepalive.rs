@@ -9,7 +9,7 @@ use super::{Schema, Walker};
 use crate::Keepalive;
 use crate::tree::Node;
 
-const KEEPALIVE: Schema = Schema {
+pub(super) const KEEPALIVE: Schema = Schema {
     supported: &["time", "interval", "probes"],
     unsupported: &[],
 };

@@ -745,6 +745,35 @@ listeners: *i
     );
 }
 
+/// The budget's wording names serde-saphyr's types (`RecordedAnchorEvents { .. }`); the message
+/// says it in the words of the file instead.
+#[test]
+fn alias_bomb_message_is_in_config_words() {
+    let bomb = "\
+a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+listeners: *f
+";
+    let errors = check(bomb).unwrap_err();
+    assert_eq!(
+        errors.0[0].message,
+        "invalid YAML: the document expands too much through aliases: they repeat more than \
+         100000 elements of anchored values"
+    );
+    let big = "x".repeat(1024 * 1024);
+    let yaml = format!("a: &a \"{big}\"\nb: [{}]\n", vec!["*a"; 64].join(","));
+    let errors = check(&yaml).unwrap_err();
+    assert_eq!(
+        errors.0[0].message,
+        "invalid YAML: the document expands too much through aliases: its values hold more than \
+         4 MiB of text"
+    );
+}
+
 #[test]
 fn large_string_aliased_many_times_is_rejected() {
     // Each alias is cheap for the parser, but every copy is a new string in the tree.

@@ -189,7 +189,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     let plane = match sluice_dataplane::start(plane_config, Arc::clone(&snapshots)) {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
-            tracing::error!("{e}");
+            crate::fatal(&e);
             return ExitCode::from(match e {
                 StartError::Uring(_) => exit::UNAVAILABLE,
                 StartError::Os { .. } => exit::OS_ERROR,

@@ -1,4 +1,5 @@
-//! `sluice check` and `sluice run`: start-up, readiness, and the signal-driven shutdown.
+//! `sluice check` and `sluice run`: start-up (signals are caught from its first step on),
+//! readiness, and the signal-driven shutdown.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -150,6 +151,25 @@ fn off_or(d: Duration) -> String {
 
 /// `sluice run`: start the data plane, then the control plane on this thread.
 pub(crate) fn run(path: &Path) -> ExitCode {
+    // The runtime and the signal handlers come before anything slow (resolving hostnames, the
+    // first probes): the default action of SIGHUP and SIGTERM is to kill the process.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            crate::fatal(format_args!("starting the control plane: {e}"));
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
+    let mut signals = match Signals::install(&runtime) {
+        Ok(signals) => signals,
+        Err(e) => {
+            crate::fatal(format_args!("cannot install signal handlers: {e}"));
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
     let resolved = match load(path) {
         Ok(r) => r,
         Err(code) => return code,
@@ -157,7 +177,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     let mut health = match crate::health::Manager::new(&resolved) {
         Ok(health) => health,
         Err(message) => {
-            eprintln!("sluice: {message}");
+            crate::fatal(message);
             return ExitCode::from(exit::USAGE);
         }
     };
@@ -171,21 +191,15 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         connections_max = plane_config.connections_max_total,
         "starting"
     );
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sluice: starting the control plane: {e}");
-            return ExitCode::from(exit::OS_ERROR);
-        }
-    };
     // Every backend with an active check is probed once before any listener accepts.
-    runtime.block_on(health.probe_all_once());
+    let probed = runtime.block_on(signals.during_start(health.probe_all_once()));
+    if probed.is_none() {
+        return ExitCode::SUCCESS;
+    }
     let snapshots = Arc::new(SnapshotCell::new(
         health.snapshot(std::time::Instant::now()),
     ));
+    // A signal that arrives while the workers start waits in its handler for the loops below.
     let plane = match sluice_dataplane::start(plane_config, Arc::clone(&snapshots)) {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
@@ -199,20 +213,20 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     let health_view = health.view();
     let config = resolved.config;
     runtime.block_on(async move {
-        // Signal handlers go in before readiness is announced: a SIGTERM right after
-        // "sluice ready" must drain, not kill.
-        let (Ok(term), Ok(int), Ok(hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            eprintln!("sluice: cannot install signal handlers");
-            plane.close_all();
-            return ExitCode::from(exit::OS_ERROR);
-        };
+        let Signals {
+            term,
+            int,
+            hup,
+            reload_pending,
+        } = signals;
         let reloads = health.sender();
         health.spawn(Arc::clone(&snapshots), Arc::clone(&plane));
-        tokio::spawn(reload_on_sighup(hup, path.to_owned(), reloads));
+        tokio::spawn(reload_on_sighup(
+            hup,
+            path.to_owned(),
+            reloads,
+            reload_pending,
+        ));
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
             let udp = config
@@ -228,7 +242,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 udp,
             );
             if let Err(e) = crate::admin::serve(admin.bind, view).await {
-                eprintln!("sluice: admin endpoint {}: {e}", admin.bind);
+                crate::fatal(format_args!("admin endpoint {}: {e}", admin.bind));
                 plane.close_all();
                 return ExitCode::from(exit::OS_ERROR);
             }
@@ -241,15 +255,63 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// SIGHUP: reads the config file again; a file that loads and resolves goes to the health
-/// manager, which applies what can change while running. A bad file changes nothing: its
-/// errors are logged (file:line:column) and the running config stays.
+/// The signals `run` acts on, caught from the start of `run` on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    /// A SIGHUP came during start-up: reload once started.
+    reload_pending: bool,
+}
+
+impl Signals {
+    fn install(runtime: &tokio::runtime::Runtime) -> std::io::Result<Signals> {
+        let _context = runtime.enter();
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            reload_pending: false,
+        })
+    }
+
+    /// Runs one step of the start-up while watching the signals. SIGTERM or SIGINT ends the
+    /// start (`None`): nothing listens yet, so there is nothing to drain. SIGHUP is logged and
+    /// kept: the file is read again once Sluice has started, so an edit made meanwhile is
+    /// applied, not lost.
+    async fn during_start<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            let name = tokio::select! {
+                done = &mut step => return Some(done),
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP during start-up: the config is reloaded once started");
+                    self.reload_pending = true;
+                    continue;
+                }
+            };
+            tracing::info!("{name} during start-up: exiting before any listener accepts");
+            return None;
+        }
+    }
+}
+
+/// SIGHUP (and, when `pending`, one that came during start-up): reads the config file again;
+/// a file that loads and resolves goes to the health manager, which applies what can change
+/// while running. A bad file changes nothing: its errors are logged (file:line:column) and the
+/// running config stays.
 async fn reload_on_sighup(
     mut hup: Signal,
     path: std::path::PathBuf,
     reloads: tokio::sync::mpsc::Sender<crate::health::Event>,
+    mut pending: bool,
 ) {
-    while hup.recv().await.is_some() {
+    loop {
+        if !std::mem::take(&mut pending) && hup.recv().await.is_none() {
+            return;
+        }
         tracing::info!(config = %path.display(), "SIGHUP: reloading");
         let file = path.clone();
         let loaded = tokio::task::spawn_blocking(move || {

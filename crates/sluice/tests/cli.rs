@@ -1,14 +1,21 @@
-//! What a user meets at the command line: `--log-level` (and `RUST_LOG`) and fatal errors that
-//! reach stderr whatever the filter.
+//! What a user meets at the command line: `--log-level` (and `RUST_LOG`), fatal errors that reach
+//! stderr whatever the filter, and signals that arrive while Sluice is still starting.
 
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
-use sluice_testkit::{CommandOutput, ConfigFile, free_addr, run_with_timeout};
+use sluice_testkit::{
+    CommandOutput, ConfigFile, EchoServer, Signal, Sluice, assert_echo, free_addr, run_with_timeout,
+};
+
+/// How long the first probe of the silent backend below takes: long enough to send a signal
+/// in the middle of start-up, short enough to keep the tests quick.
+const SLOW_PROBE: Duration = Duration::from_secs(3);
 
 /// Runs `sluice ARGS...` with `env` set, to its end (bounded to 10 s).
 fn sluice(args: &[&str], env: &[(&str, &str)]) -> CommandOutput {
@@ -142,4 +149,110 @@ fn fatal_errors_reach_stderr_with_logging_off() {
             output.stderr
         );
     }
+}
+
+// --- Signals during start-up ---
+
+/// A listener to an echo backend and to a silent one (it accepts nothing, so its first probe
+/// waits for a reply until [`SLOW_PROBE`]): the first probes, and so the start, take that long.
+struct SlowStart {
+    echo: EchoServer,
+    _silent: TcpListener,
+    config: ConfigFile,
+    bind: SocketAddr,
+}
+
+impl SlowStart {
+    fn new() -> Self {
+        let echo = EchoServer::echo();
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener =
+            Listener::new("slow", &[echo.addr(), silent.local_addr().unwrap()]).with(&format!(
+                "health: {{ check: send_expect, send: \"PING\\r\\n\", expect: \"PING\", \
+                 interval: 1s, timeout: {}s }}",
+                SLOW_PROBE.as_secs()
+            ));
+        let bind = listener.bind;
+        let config = ConfigFile::new(&config(1, None, &[], &[listener]));
+        SlowStart {
+            echo,
+            _silent: silent,
+            config,
+            bind,
+        }
+    }
+
+    /// Sluice, returned once it has logged "starting" (before the first probes).
+    fn spawn(&self) -> Sluice {
+        let mut command = Command::new(binary());
+        command
+            .args(["run", "-c", path(&self.config), "--log-level", "info"])
+            .env_remove("RUST_LOG");
+        Sluice::start_stand_in(command, "starting")
+    }
+}
+
+/// Waits (bounded) until stderr holds `needle`; panics if the process exits first.
+fn wait_for_line(sluice: &mut Sluice, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !sluice.stderr_text().contains(needle) {
+        if let Some(status) = sluice.try_exit_status() {
+            panic!(
+                "exited ({status}) before logging {needle:?}:\n{}",
+                sluice.stderr_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} within {within:?}:\n{}",
+            sluice.stderr_text()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A SIGHUP while the first probes run neither kills Sluice nor is lost: it is logged, Sluice
+/// starts and serves, then reloads once.
+#[test]
+fn sighup_during_start_up_is_applied_after_start() {
+    let setup = SlowStart::new();
+    let mut sluice = setup.spawn();
+    sluice.signal(Signal::SIGHUP);
+    let sent = Instant::now();
+    assert!(
+        !sluice.stderr_text().contains("sluice ready"),
+        "the start was over before the signal; the test proves nothing:\n{}",
+        sluice.stderr_text()
+    );
+    wait_for_line(
+        &mut sluice,
+        "sluice ready",
+        SLOW_PROBE + Duration::from_secs(10),
+    );
+    eprintln!("ready {:?} after the SIGHUP", sent.elapsed());
+    assert_echo(setup.bind, 64 * 1024, 7, Duration::from_secs(10));
+    assert!(setup.echo.accepted() > 0);
+    wait_for_line(&mut sluice, "reloaded", Duration::from_secs(10));
+    let stderr = sluice.stderr_text();
+    assert!(
+        stderr.contains("SIGHUP during start-up"),
+        "the early SIGHUP is not logged:\n{stderr}"
+    );
+    let status = sluice.terminate(Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{stderr}");
+}
+
+/// A SIGTERM while the first probes run ends Sluice at once, cleanly, without listening.
+#[test]
+fn sigterm_during_start_up_exits_zero_at_once() {
+    let setup = SlowStart::new();
+    let mut sluice = setup.spawn();
+    sluice.signal(Signal::SIGTERM);
+    let status = sluice
+        .wait_exit(Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("still running 2 s after SIGTERM:\n{}", sluice.stderr_text()));
+    let stderr = sluice.stderr_text();
+    assert_eq!(status.code(), Some(0), "exit {status}; stderr:\n{stderr}");
+    assert!(!stderr.contains("sluice ready"), "{stderr}");
+    assert!(stderr.contains("SIGTERM during start-up"), "{stderr}");
 }

@@ -74,7 +74,7 @@ pub struct Listener {
     pub name: String,
     /// Transport protocol (`protocol`, default tcp).
     pub protocol: Protocol,
-    /// Listening address, an IP address and port; port 0 picks any free port.
+    /// Listening address, an IP address and port (1 to 65535).
     pub bind: SocketAddr,
     /// How a backend is picked (`algorithm`, default round_robin).
     pub algorithm: Algorithm,
@@ -104,6 +104,9 @@ pub struct Listener {
     pub udp: UdpSettings,
     /// Where the listener's entry starts in the file.
     pub location: Location,
+    /// Where `health.password_file` is written, if it is: the binary reads the file, and
+    /// reports a file it cannot read at this position.
+    pub password_file_location: Option<Location>,
 }
 
 /// Transport protocol of a listener.

@@ -137,18 +137,16 @@ pub(crate) struct Manager {
 }
 
 impl Manager {
-    /// Prepares every listener's probes (reading password files): an error names the listener.
-    pub(crate) fn new(resolved: &Resolved) -> Result<Self, String> {
+    /// Takes over every listener's backends and prepared probes.
+    pub(crate) fn new(resolved: &Resolved) -> Self {
         let mut listeners = Vec::with_capacity(resolved.config.listeners.len());
-        for (listener, addrs) in resolved.config.listeners.iter().zip(&resolved.backends) {
-            let prober = match &listener.health {
-                Some(active) => {
-                    Some(Arc::new(Prober::new(&active.check).map_err(|e| {
-                        format!("listener {}: health check: {e}", listener.name)
-                    })?))
-                }
-                None => None,
-            };
+        let config = &resolved.config;
+        for ((listener, addrs), prober) in config
+            .listeners
+            .iter()
+            .zip(&resolved.backends)
+            .zip(&resolved.probers)
+        {
             let passive = (listener.passive.consecutive_failures > 0).then_some(listener.passive);
             let policy = Policy::new(listener.health.as_ref(), passive, listener.slow_start);
             let mut health = ListenerHealth::new(policy);
@@ -170,7 +168,7 @@ impl Manager {
                 members,
                 health,
                 check: listener.health.clone(),
-                prober,
+                prober: prober.clone(),
                 started: listener.clone(),
             });
         }
@@ -184,7 +182,7 @@ impl Manager {
             probes: HashMap::new(),
         };
         manager.update_view(Instant::now());
-        Ok(manager)
+        manager
     }
 
     /// Where the workers send passive reports.
@@ -392,11 +390,12 @@ impl Manager {
         }
         let mut starts = Vec::new();
         for (li, l) in self.listeners.iter_mut().enumerate() {
-            let Some((new, addrs)) = config
+            let Some(((new, addrs), prober)) = config
                 .listeners
                 .iter()
                 .zip(&resolved.backends)
-                .find(|(new, _)| new.name == l.name)
+                .zip(&resolved.probers)
+                .find(|((new, _), _)| new.name == l.name)
             else {
                 tracing::warn!(listener = %l.name, "reload: listener removed from the file; restart to stop it (it keeps running as before)");
                 continue;
@@ -408,26 +407,14 @@ impl Manager {
             l.on_all_down = new.on_all_down;
             l.drain_timeout = new.drain_timeout;
             if l.check != new.health {
-                match new
-                    .health
-                    .as_ref()
-                    .map(|h| Prober::new(&h.check))
-                    .transpose()
-                {
-                    Ok(prober) => {
-                        l.prober = prober.map(Arc::new);
-                        l.check = new.health.clone();
-                        starts.extend(
-                            l.members
-                                .iter()
-                                .filter(|m| !m.removed)
-                                .map(|m| (li, m.addr)),
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(listener = %l.name, error = %e, "reload: health check kept as running")
-                    }
-                }
+                l.prober = prober.clone();
+                l.check = new.health.clone();
+                starts.extend(
+                    l.members
+                        .iter()
+                        .filter(|m| !m.removed)
+                        .map(|m| (li, m.addr)),
+                );
             }
             let passive = (new.passive.consecutive_failures > 0).then_some(new.passive);
             let policy = Policy::new(l.check.as_ref(), passive, new.slow_start);

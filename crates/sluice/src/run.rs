@@ -174,13 +174,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let mut health = match crate::health::Manager::new(&resolved) {
-        Ok(health) => health,
-        Err(message) => {
-            crate::fatal(message);
-            return ExitCode::from(exit::USAGE);
-        }
-    };
+    let mut health = crate::health::Manager::new(&resolved);
     let fd_limit = sluice_dataplane::raise_fd_limit();
     let mut plane_config = plan::plane(&resolved.config, fd_limit);
     plane_config.events = Some(health.sink());

@@ -401,7 +401,7 @@ impl Manager {
                 continue;
             };
             for field in restart_only_changes(&l.started, new) {
-                tracing::warn!(listener = %l.name, field, "reload: a restart is needed to change this; kept as running");
+                tracing::warn!(listener = %l.name, %field, "reload: a restart is needed to change this; kept as running");
             }
             l.algorithm = new.algorithm;
             l.on_all_down = new.on_all_down;
@@ -589,7 +589,7 @@ impl ListenerState {
                 if was_taking {
                     m.drain_at = Some(now + self.drain_timeout);
                 }
-                tracing::info!(listener = %self.name, backend = %m.addr, drain_timeout = ?self.drain_timeout, open = m.load.active(), "reload: backend removed; draining");
+                tracing::info!(listener = %self.name, backend = %m.addr, drain_timeout = %crate::run::Written(self.drain_timeout), open = m.load.active(), "reload: backend removed; draining");
             }
         }
         let keys: Vec<SocketAddr> = self
@@ -633,15 +633,17 @@ fn restart_only_changes(
     changed
 }
 
-/// Logs a transition once; true when there was one.
+/// Logs a transition once; true when there was one. The reason is free text (it may quote
+/// a backend's reply), so it is logged as a string: quoted, and escaped.
 fn log_transition(listener: &str, backend: SocketAddr, transition: Option<&Transition>) -> bool {
     let Some(t) = transition else {
         return false;
     };
+    let reason = t.reason.to_string();
     if t.to.is_available() {
-        tracing::info!(listener, %backend, from = %t.from, to = %t.to, reason = %t.reason, "backend state");
+        tracing::info!(%listener, %backend, from = %t.from, to = %t.to, reason, "backend state");
     } else {
-        tracing::warn!(listener, %backend, from = %t.from, to = %t.to, reason = %t.reason, "backend state");
+        tracing::warn!(%listener, %backend, from = %t.from, to = %t.to, reason, "backend state");
     }
     true
 }

@@ -52,8 +52,8 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         let t = &listener.timeouts;
         let _ = writeln!(
             out,
-            "listener {} {} {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
-             user_timeout {}, keepalive {}, max_connections {}, on_max_connections {:?}, \
+            "listener {} {} {} {}: {} backend(s), connect {}, idle {}, half_close {}, \
+             user_timeout {}, keepalive {}, max_connections {}, on_max_connections {}, \
              retries {}",
             listener.name,
             match listener.protocol {
@@ -63,13 +63,13 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             listener.bind,
             listener.algorithm.name(),
             listener.backends.len(),
-            t.connect,
+            Written(t.connect),
             off_or(t.idle),
             off_or(t.half_close),
             if t.user_timeout.is_zero() {
                 "kernel default".to_owned()
             } else {
-                format!("{:?}", t.user_timeout)
+                Written(t.user_timeout).to_string()
             },
             keepalive_summary(&listener.keepalive),
             if listener.max_connections == 0 {
@@ -77,7 +77,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             } else {
                 listener.max_connections.to_string()
             },
-            listener.on_max_connections,
+            match listener.on_max_connections {
+                sluice_config::OnMaxConnections::Queue => "queue",
+                sluice_config::OnMaxConnections::Reject => "reject",
+            },
             listener.retries,
         );
         for (spec, addr) in listener.backends.iter().zip(addrs) {
@@ -103,10 +106,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
 fn health_summary(listener: &sluice_config::Listener) -> String {
     let active = match &listener.health {
         Some(h) => format!(
-            "health {} every {:?} (timeout {:?}, rise {}, fall {})",
+            "health {} every {} (timeout {}, rise {}, fall {})",
             h.check.name(),
-            h.interval,
-            h.timeout,
+            Written(h.interval),
+            Written(h.timeout),
             h.rise,
             h.fall
         ),
@@ -117,8 +120,10 @@ fn health_summary(listener: &sluice_config::Listener) -> String {
         "passive ejection off".to_owned()
     } else {
         format!(
-            "passive ejection after {} failures for {:?} (at most {}%)",
-            p.consecutive_failures, p.ejection_time, p.max_ejection_percent
+            "passive ejection after {} failures for {} (at most {}%)",
+            p.consecutive_failures,
+            Written(p.ejection_time),
+            p.max_ejection_percent
         )
     };
     format!(
@@ -133,8 +138,10 @@ fn health_summary(listener: &sluice_config::Listener) -> String {
 fn keepalive_summary(keepalive: &sluice_config::Keepalive) -> String {
     if keepalive.is_on() {
         format!(
-            "{:?}/{:?} x{}",
-            keepalive.time, keepalive.interval, keepalive.probes
+            "{}/{} x{}",
+            Written(keepalive.time),
+            Written(keepalive.interval),
+            keepalive.probes
         )
     } else {
         "off".into()
@@ -145,7 +152,24 @@ fn off_or(d: Duration) -> String {
     if d.is_zero() {
         "off".into()
     } else {
-        format!("{d:?}")
+        Written(d).to_string()
+    }
+}
+
+/// A duration as the config writes it: `2s`, `1500ms` (Rust's `Debug` would say `1.5s`, which
+/// the config does not accept).
+pub(crate) struct Written(pub Duration);
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d.subsec_nanos() == 0 {
+            write!(f, "{}s", d.as_secs())
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+            write!(f, "{}ms", d.as_millis())
+        } else {
+            write!(f, "{d:?}")
+        }
     }
 }
 
@@ -306,7 +330,7 @@ async fn reload_on_sighup(
         if !std::mem::take(&mut pending) && hup.recv().await.is_none() {
             return;
         }
-        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+        tracing::info!(config = path.display().to_string(), "SIGHUP: reloading");
         let file = path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let config = sluice_config::load(&file)?;
@@ -325,7 +349,7 @@ async fn reload_on_sighup(
                     tracing::error!("reload rejected, running config kept: {error}");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "reload failed; running config kept"),
+            Err(e) => tracing::error!(error = e.to_string(), "reload failed; running config kept"),
         }
     }
 }
@@ -349,7 +373,7 @@ async fn wait_for_shutdown(
     let open = plane.active_connections();
     tracing::info!(
         open,
-        ?shutdown_timeout,
+        shutdown_timeout = %Written(shutdown_timeout),
         "shutting down: no longer accepting"
     );
     plane.drain();

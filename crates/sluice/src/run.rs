@@ -366,7 +366,7 @@ async fn wait_for_shutdown(
         _ = term.recv() => {}
         _ = int.recv() => {}
         _ = watch_workers(plane) => {
-            tracing::error!("every worker stopped");
+            crate::fatal("every worker stopped; exiting");
             return ExitCode::from(exit::OS_ERROR);
         }
     }

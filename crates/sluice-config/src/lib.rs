@@ -77,7 +77,7 @@ pub struct Listener {
     pub name: String,
     /// Transport protocol (`protocol`, default tcp).
     pub protocol: Protocol,
-    /// Listening address, an IP address and port; port 0 picks any free port.
+    /// Listening address, an IP address and port (1 to 65535).
     pub bind: SocketAddr,
     /// How a backend is picked (`algorithm`, default round_robin).
     pub algorithm: Algorithm,
@@ -107,6 +107,9 @@ pub struct Listener {
     pub udp: UdpSettings,
     /// Where the listener's entry starts in the file.
     pub location: Location,
+    /// Where `health.password_file` is written, if it is: the binary reads the file, and
+    /// reports a file it cannot read at this position.
+    pub password_file_location: Option<Location>,
 }
 
 /// Transport protocol of a listener.
@@ -311,6 +314,16 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
 /// the recursion that builds the tree.
 const DEPTH_MAX: usize = 32;
 
+/// serde-saphyr's input budget: far above any real config, low enough to stop hostile ones
+/// early. The messages of [`budget_words`] name them.
+const EVENTS_MAX: usize = 500_000;
+const NODES_MAX: usize = 250_000;
+const ALIASES_MAX: usize = 10_000;
+const ANCHORS_MAX: usize = 10_000;
+/// Elements of anchored values that aliases may repeat, all aliases together.
+const ALIAS_REPLAYS_MAX: usize = 100_000;
+const MERGE_KEYS_MAX: usize = 1_000;
+
 /// Errors about the file as a whole have no position.
 const NO_LOCATION: Location = Location { line: 0, column: 0 };
 
@@ -329,17 +342,17 @@ fn yaml_options() -> serde_saphyr::Options {
     alias_limits.max_replay_stack_depth = 16;
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
-            max_events: 500_000,
-            max_aliases: 10_000,
-            max_anchors: 10_000,
-            max_recorded_anchor_events: 100_000,
+            max_events: EVENTS_MAX,
+            max_aliases: ALIASES_MAX,
+            max_anchors: ANCHORS_MAX,
+            max_recorded_anchor_events: ALIAS_REPLAYS_MAX,
             max_recorded_anchor_bytes: FILE_BYTES_MAX,
             max_depth: DEPTH_MAX,
             flow_nesting_limit: DEPTH_MAX,
             max_documents: 1,
-            max_nodes: 250_000,
+            max_nodes: NODES_MAX,
             max_total_scalar_bytes: FILE_BYTES_MAX,
-            max_merge_keys: 1_000,
+            max_merge_keys: MERGE_KEYS_MAX,
         },
         alias_limits: alias_limits,
         strict_booleans: true,
@@ -375,9 +388,7 @@ fn yaml_error(file: &Path, error: &serde_saphyr::Error) -> ConfigErrors {
             breach: BudgetBreach::Depth { .. },
             ..
         } => format!("nested more than {DEPTH_MAX} levels deep"),
-        Error::Budget { breach, .. } => {
-            format!("the document is too large, or expands too much through aliases ({breach:?})")
-        }
+        Error::Budget { breach, .. } => budget_words(breach),
         Error::DuplicateMappingKey { key: Some(key), .. } => format!("duplicate key {key:?}"),
         Error::DuplicateMappingKey { key: None, .. } => "duplicate key".to_owned(),
         other => serde_saphyr::DefaultMessageFormatter
@@ -390,4 +401,41 @@ fn yaml_error(file: &Path, error: &serde_saphyr::Error) -> ConfigErrors {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     ConfigError::new(file, location, "", format!("invalid YAML: {message}")).into()
+}
+
+/// What a budget breach means for the file, in its own words (serde-saphyr's `Debug` of the
+/// breach names its types, such as `RecordedAnchorEvents { .. }`).
+fn budget_words(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+
+    const MIB: usize = 1024 * 1024;
+    let expands = "the document expands too much through aliases";
+    let large = "the document is too large";
+    match breach {
+        BudgetBreach::RecordedAnchorEvents { .. } => format!(
+            "{expands}: they repeat more than {ALIAS_REPLAYS_MAX} elements of anchored values"
+        ),
+        BudgetBreach::RecordedAnchorBytes { .. } | BudgetBreach::ScalarBytes { .. } => format!(
+            "{expands}: its values hold more than {} MiB of text",
+            FILE_BYTES_MAX / MIB
+        ),
+        BudgetBreach::Aliases { .. } => {
+            format!("{expands}: more than {ALIASES_MAX} aliases (*name)")
+        }
+        BudgetBreach::AliasAnchorRatio { .. } => {
+            format!("{expands}: far more aliases (*name) than anchors (&name)")
+        }
+        BudgetBreach::Anchors { .. } => format!("{large}: more than {ANCHORS_MAX} anchors (&name)"),
+        BudgetBreach::Events { .. } | BudgetBreach::Nodes { .. } => {
+            format!("{large}: more than {NODES_MAX} values")
+        }
+        BudgetBreach::MergeKeys { .. } => {
+            format!("{large}: more than {MERGE_KEYS_MAX} merge keys (<<)")
+        }
+        BudgetBreach::InputBytes { .. } => too_large(),
+        BudgetBreach::SequenceUnbalanced => {
+            "a list or mapping is closed but was never opened".to_owned()
+        }
+        _ => format!("{large}, or {expands}"),
+    }
 }

@@ -61,10 +61,17 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
     Ok(value)
 }
 
-/// Parses a listening address: an IP address and a port, IPv6 in brackets. Port 0 (any free
-/// port) is allowed, which tests rely on.
+/// Parses a listening address: an IP address and a port, IPv6 in brackets. Port 0 is refused:
+/// every worker binds its own socket, so the kernel would give each a different port, and no
+/// client could know any of them.
 pub(crate) fn bind(text: &str) -> Result<SocketAddr, String> {
     if let Ok(address) = text.parse::<SocketAddr>() {
+        if address.port() == 0 {
+            return Err(format!(
+                "invalid address {text:?}: the port must be between 1 and 65535 (with port 0 \
+                 the kernel would pick a port that no client knows)"
+            ));
+        }
         return Ok(address);
     }
     Err(format!(
@@ -189,7 +196,12 @@ mod tests {
     fn bind_addresses() {
         assert_eq!(bind("0.0.0.0:6379"), Ok("0.0.0.0:6379".parse().unwrap()));
         assert_eq!(bind("[::]:6379"), Ok("[::]:6379".parse().unwrap()));
-        assert_eq!(bind("127.0.0.1:0"), Ok("127.0.0.1:0".parse().unwrap()));
+        assert!(
+            bind("127.0.0.1:0")
+                .unwrap_err()
+                .contains("between 1 and 65535")
+        );
+        assert!(bind("[::]:0").is_err());
         assert!(
             bind("localhost:80")
                 .unwrap_err()

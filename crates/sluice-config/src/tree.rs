@@ -67,6 +67,19 @@ pub(crate) enum Value {
     Map(Vec<(Node, Node)>),
 }
 
+impl Node {
+    /// The value of `key` when this node is a mapping that holds it.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| matches!(&k.value, Value::Str(name) if name == key))
+                .map(|(_, value)| value),
+            _ => None,
+        }
+    }
+}
+
 impl Value {
     /// What the value is, for "expected X, found Y" messages.
     pub fn kind(&self) -> &'static str {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sluice_balance::maglev;
 
+mod binds;
 mod health;
 mod keepalive;
 mod udp;
@@ -237,6 +238,9 @@ impl Walker<'_> {
             Some(node) => config.listeners = self.listeners(node),
             None => self.missing(fields.location, "listeners", "a list of listeners"),
         }
+        if let (Some(admin), Some(node)) = (&config.admin, fields.get("admin")) {
+            self.check_admin_bind(admin.bind, node, &config.listeners);
+        }
         config
     }
 
@@ -325,9 +329,7 @@ impl Walker<'_> {
             let message = format!("duplicate listener name {name:?}, already used at line {line}");
             self.error(*at, format!("{path}.name"), message);
         }
-        // Port 0 asks the kernel for any free port, so two such binds never collide.
         if let Some((protocol, address, at)) = this.bind
-            && address.port() != 0
             && let Some(first) = seen.iter().find(|s| {
                 s.bind
                     .is_some_and(|(p, a, _)| p == protocol && a == address)
@@ -369,6 +371,7 @@ impl Walker<'_> {
             drain_timeout: health::DRAIN_TIMEOUT_DEFAULT,
             udp: crate::UdpSettings::default(),
             location: node.location,
+            password_file_location: None,
         };
         let seen = self.listener_identity(&fields, path, &mut listener);
         self.listener_forwarding(&fields, path, &mut listener);

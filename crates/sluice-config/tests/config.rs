@@ -385,6 +385,7 @@ listeners:
             drain_timeout: Duration::from_secs(30),
             udp: UdpSettings::default(),
             location: Location { line: 2, column: 5 },
+            password_file_location: None,
         }],
     };
     assert_eq!(config, expected);
@@ -412,12 +413,9 @@ listeners:
     on_max_connections: reject
     retries: 0
   - name: pg.replica_2
-    bind: 0.0.0.0:0
+    bind: 0.0.0.0:5433
     backends: [\"10.0.0.4:5432\"]
     timeouts: { idle: \"0\", half_close: 1h }
-  - name: any-port
-    bind: 0.0.0.0:0
-    backends: [\"10.0.0.4:5432\"]
 ";
     let config = check(yaml).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -479,8 +477,6 @@ listeners:
     assert_eq!(replica.timeouts.user_timeout, Duration::ZERO);
     assert_eq!(replica.keepalive, Keepalive::default());
     assert!(replica.keepalive.is_on());
-    // Two listeners on port 0 get different ports from the kernel: not a duplicate.
-    assert_eq!(config.listeners[2].bind, addr("0.0.0.0:0"));
 }
 
 /// A listener that is fine, to surround the mistake under test.
@@ -742,6 +738,68 @@ listeners: *i
     assert!(
         errors.0[0].message.starts_with("invalid YAML: "),
         "{errors}"
+    );
+}
+
+/// Binds that are valid addresses but that the start would refuse: port 0, and an admin
+/// endpoint on an address a tcp listener holds (a udp listener does not collide).
+#[test]
+fn binds_the_start_would_refuse_are_errors_at_their_position() {
+    let port_zero =
+        "listeners:\n  - name: a\n    bind: \"0.0.0.0:0\"\n    backends: [\"10.0.0.1:1\"]\n";
+    assert_eq!(
+        check(port_zero).unwrap_err().to_string(),
+        "sluice.yaml:3:11: listeners[0].bind: invalid address \"0.0.0.0:0\": the port must be \
+         between 1 and 65535 (with port 0 the kernel would pick a port that no client knows)"
+    );
+    let admin = |bind: &str, listeners: &str| format!("admin: {{ bind: \"{bind}\" }}\n{listeners}");
+    assert_eq!(
+        check(&admin("127.0.0.1:1000", GOOD))
+            .unwrap_err()
+            .to_string(),
+        "sluice.yaml:1:16: admin.bind: tcp 127.0.0.1:1000 overlaps 0.0.0.0:1000, the bind of \
+         listener \"a\" at line 3 (a wildcard address takes the port on every address); give \
+         the admin endpoint its own port"
+    );
+    let exact = GOOD.replace("0.0.0.0:1000", "127.0.0.1:1000");
+    assert_eq!(
+        check(&admin("127.0.0.1:1000", &exact))
+            .unwrap_err()
+            .to_string(),
+        "sluice.yaml:1:16: admin.bind: tcp 127.0.0.1:1000 is already bound by listener \"a\" at \
+         line 3; give the admin endpoint its own port"
+    );
+    assert!(check(&admin("0.0.0.0:1001", GOOD)).is_ok());
+    let udp = GOOD.replace("    bind:", "    protocol: udp\n    bind:");
+    assert!(check(&admin("127.0.0.1:1000", &udp)).is_ok());
+}
+
+/// The budget's wording names serde-saphyr's types (`RecordedAnchorEvents { .. }`); the message
+/// says it in the words of the file instead.
+#[test]
+fn alias_bomb_message_is_in_config_words() {
+    let bomb = "\
+a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+listeners: *f
+";
+    let errors = check(bomb).unwrap_err();
+    assert_eq!(
+        errors.0[0].message,
+        "invalid YAML: the document expands too much through aliases: they repeat more than \
+         100000 elements of anchored values"
+    );
+    let big = "x".repeat(1024 * 1024);
+    let yaml = format!("a: &a \"{big}\"\nb: [{}]\n", vec!["*a"; 64].join(","));
+    let errors = check(&yaml).unwrap_err();
+    assert_eq!(
+        errors.0[0].message,
+        "invalid YAML: the document expands too much through aliases: its values hold more than \
+         4 MiB of text"
     );
 }
 

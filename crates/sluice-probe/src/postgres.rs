@@ -105,7 +105,11 @@ fn in_recovery(messages: &[SimpleQueryMessage]) -> Result<bool, Failure> {
         Some(Some("f")) => Ok(false),
         other => Err(Failure::Unexpected {
             expected: "t or f from pg_is_in_recovery()".to_owned(),
-            got: shown(format!("{other:?}").as_bytes()),
+            got: match other {
+                None => "no row".to_owned(),
+                Some(None) => "NULL".to_owned(),
+                Some(Some(text)) => shown(text.as_bytes()),
+            },
         }),
     }
 }
@@ -173,5 +177,19 @@ fn failure(error: tokio_postgres::Error, during: Step) -> Failure {
         Failure::Authentication { message }
     } else {
         Failure::Protocol { message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_without_a_row_is_named_in_words() {
+        let failure = in_recovery(&[]).unwrap_err();
+        assert_eq!(
+            failure.to_string(),
+            "expected t or f from pg_is_in_recovery(), got no row"
+        );
     }
 }

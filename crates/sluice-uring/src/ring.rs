@@ -32,6 +32,26 @@ pub struct Features {
     pub coop_taskrun: bool,
 }
 
+/// The setup flags in force, in the kernel's words (`single_issuer defer_taskrun`), or `plain`
+/// when there are none: for the start-up log, where `Debug` would print the struct.
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = [
+            (self.single_issuer, "single_issuer"),
+            (self.defer_taskrun, "defer_taskrun"),
+            (self.coop_taskrun, "coop_taskrun"),
+        ];
+        let mut on = names.iter().filter(|(set, _)| *set).map(|(_, name)| *name);
+        match on.next() {
+            None => f.write_str("plain"),
+            Some(first) => {
+                f.write_str(first)?;
+                on.try_for_each(|name| write!(f, " {name}"))
+            }
+        }
+    }
+}
+
 /// One completion, copied out of the completion queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -503,6 +523,7 @@ fn unavailable(e: io::Error) -> SetupError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
@@ -661,5 +682,21 @@ mod tests {
                 "datagrams are neither split nor merged"
             );
         }
+    }
+
+    #[test]
+    fn features_display_names_the_flags_in_force() {
+        let features = Features {
+            single_issuer: true,
+            defer_taskrun: true,
+            coop_taskrun: false,
+        };
+        assert_eq!(features.to_string(), "single_issuer defer_taskrun");
+        let none = Features {
+            single_issuer: false,
+            defer_taskrun: false,
+            coop_taskrun: false,
+        };
+        assert_eq!(none.to_string(), "plain");
     }
 }

@@ -137,18 +137,16 @@ pub(crate) struct Manager {
 }
 
 impl Manager {
-    /// Prepares every listener's probes (reading password files): an error names the listener.
-    pub(crate) fn new(resolved: &Resolved) -> Result<Self, String> {
+    /// Takes over every listener's backends and prepared probes.
+    pub(crate) fn new(resolved: &Resolved) -> Self {
         let mut listeners = Vec::with_capacity(resolved.config.listeners.len());
-        for (listener, addrs) in resolved.config.listeners.iter().zip(&resolved.backends) {
-            let prober = match &listener.health {
-                Some(active) => {
-                    Some(Arc::new(Prober::new(&active.check).map_err(|e| {
-                        format!("listener {}: health check: {e}", listener.name)
-                    })?))
-                }
-                None => None,
-            };
+        let config = &resolved.config;
+        for ((listener, addrs), prober) in config
+            .listeners
+            .iter()
+            .zip(&resolved.backends)
+            .zip(&resolved.probers)
+        {
             let passive = (listener.passive.consecutive_failures > 0).then_some(listener.passive);
             let policy = Policy::new(listener.health.as_ref(), passive, listener.slow_start);
             let mut health = ListenerHealth::new(policy);
@@ -170,7 +168,7 @@ impl Manager {
                 members,
                 health,
                 check: listener.health.clone(),
-                prober,
+                prober: prober.clone(),
                 started: listener.clone(),
             });
         }
@@ -184,7 +182,7 @@ impl Manager {
             probes: HashMap::new(),
         };
         manager.update_view(Instant::now());
-        Ok(manager)
+        manager
     }
 
     /// Where the workers send passive reports.
@@ -392,42 +390,31 @@ impl Manager {
         }
         let mut starts = Vec::new();
         for (li, l) in self.listeners.iter_mut().enumerate() {
-            let Some((new, addrs)) = config
+            let Some(((new, addrs), prober)) = config
                 .listeners
                 .iter()
                 .zip(&resolved.backends)
-                .find(|(new, _)| new.name == l.name)
+                .zip(&resolved.probers)
+                .find(|((new, _), _)| new.name == l.name)
             else {
                 tracing::warn!(listener = %l.name, "reload: listener removed from the file; restart to stop it (it keeps running as before)");
                 continue;
             };
             for field in restart_only_changes(&l.started, new) {
-                tracing::warn!(listener = %l.name, field, "reload: a restart is needed to change this; kept as running");
+                tracing::warn!(listener = %l.name, %field, "reload: a restart is needed to change this; kept as running");
             }
             l.algorithm = new.algorithm;
             l.on_all_down = new.on_all_down;
             l.drain_timeout = new.drain_timeout;
             if l.check != new.health {
-                match new
-                    .health
-                    .as_ref()
-                    .map(|h| Prober::new(&h.check))
-                    .transpose()
-                {
-                    Ok(prober) => {
-                        l.prober = prober.map(Arc::new);
-                        l.check = new.health.clone();
-                        starts.extend(
-                            l.members
-                                .iter()
-                                .filter(|m| !m.removed)
-                                .map(|m| (li, m.addr)),
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(listener = %l.name, error = %e, "reload: health check kept as running")
-                    }
-                }
+                l.prober = prober.clone();
+                l.check = new.health.clone();
+                starts.extend(
+                    l.members
+                        .iter()
+                        .filter(|m| !m.removed)
+                        .map(|m| (li, m.addr)),
+                );
             }
             let passive = (new.passive.consecutive_failures > 0).then_some(new.passive);
             let policy = Policy::new(l.check.as_ref(), passive, new.slow_start);
@@ -602,7 +589,7 @@ impl ListenerState {
                 if was_taking {
                     m.drain_at = Some(now + self.drain_timeout);
                 }
-                tracing::info!(listener = %self.name, backend = %m.addr, drain_timeout = ?self.drain_timeout, open = m.load.active(), "reload: backend removed; draining");
+                tracing::info!(listener = %self.name, backend = %m.addr, drain_timeout = %crate::run::Written(self.drain_timeout), open = m.load.active(), "reload: backend removed; draining");
             }
         }
         let keys: Vec<SocketAddr> = self
@@ -646,15 +633,17 @@ fn restart_only_changes(
     changed
 }
 
-/// Logs a transition once; true when there was one.
+/// Logs a transition once; true when there was one. The reason is free text (it may quote
+/// a backend's reply), so it is logged as a string: quoted, and escaped.
 fn log_transition(listener: &str, backend: SocketAddr, transition: Option<&Transition>) -> bool {
     let Some(t) = transition else {
         return false;
     };
+    let reason = t.reason.to_string();
     if t.to.is_available() {
-        tracing::info!(listener, %backend, from = %t.from, to = %t.to, reason = %t.reason, "backend state");
+        tracing::info!(%listener, %backend, from = %t.from, to = %t.to, reason, "backend state");
     } else {
-        tracing::warn!(listener, %backend, from = %t.from, to = %t.to, reason = %t.reason, "backend state");
+        tracing::warn!(%listener, %backend, from = %t.from, to = %t.to, reason, "backend state");
     }
     true
 }

@@ -3,6 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 
 use sluice_balance::{Backend, BackendId, ListenerBackends, Snapshot};
 use sluice_config::{BackendAddress, Config, ConfigError, ConfigErrors, Workers};
@@ -10,21 +11,34 @@ use sluice_dataplane::{
     Keepalive, Limits, ListenerPlan, OnMaxConnections, PlaneConfig, RESET_LINGER, SocketSettings,
     UdpPlan,
 };
+use sluice_probe::{ProbeSetupError, Prober};
 
-/// A config with every hostname resolved.
+/// A config with every hostname resolved and every active check prepared: what `run` starts
+/// with, and all that `check` must have seen work.
 #[derive(Debug)]
 pub(crate) struct Resolved {
     pub config: Config,
     /// Per listener, per backend: the address to connect to.
     pub backends: Vec<Vec<SocketAddr>>,
+    /// Per listener: its active check, ready to probe (password file read), if it has one.
+    pub probers: Vec<Option<Arc<Prober>>>,
 }
 
-/// Resolves every backend hostname once (the first address the resolver returns). An address
-/// that does not resolve is a config error at the backend's line.
+/// Does what the config needs from the system before anything starts, so that `check`, `run`
+/// and a reload refuse the same files with the same messages: resolves every backend hostname
+/// once (the first address the resolver returns) and prepares every active check (reads its
+/// password file). A failure is a config error at the line of what caused it.
 pub(crate) fn resolve(config: Config, file: &Path) -> Result<Resolved, ConfigErrors> {
     let mut errors = Vec::new();
     let mut backends = Vec::with_capacity(config.listeners.len());
+    let mut probers = Vec::with_capacity(config.listeners.len());
     for (li, listener) in config.listeners.iter().enumerate() {
+        probers.push(
+            prober(listener, li, file)
+                .map_err(|e| errors.push(e))
+                .ok()
+                .flatten(),
+        );
         let mut addrs = Vec::with_capacity(listener.backends.len());
         for (bi, backend) in listener.backends.iter().enumerate() {
             match &backend.address {
@@ -48,9 +62,41 @@ pub(crate) fn resolve(config: Config, file: &Path) -> Result<Resolved, ConfigErr
         backends.push(addrs);
     }
     if errors.is_empty() {
-        Ok(Resolved { config, backends })
+        Ok(Resolved {
+            config,
+            backends,
+            probers,
+        })
     } else {
+        errors.sort_by_key(|e| (e.line, e.column));
         Err(ConfigErrors(errors))
+    }
+}
+
+/// The listener's active check, prepared; an error names `health.password_file` where the
+/// file is the problem.
+fn prober(
+    listener: &sluice_config::Listener,
+    index: usize,
+    file: &Path,
+) -> Result<Option<Arc<Prober>>, ConfigError> {
+    let Some(active) = &listener.health else {
+        return Ok(None);
+    };
+    match Prober::new(&active.check) {
+        Ok(prober) => Ok(Some(Arc::new(prober))),
+        Err(ProbeSetupError::PasswordFile { path, problem }) => Err(ConfigError::new(
+            file,
+            listener.password_file_location.unwrap_or(listener.location),
+            format!("listeners[{index}].health.password_file"),
+            format!("cannot read {}: {problem}", path.display()),
+        )),
+        Err(other) => Err(ConfigError::new(
+            file,
+            listener.location,
+            format!("listeners[{index}].health"),
+            other.to_string(),
+        )),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `sluice check` and `sluice run`: start-up, readiness, and the signal-driven shutdown.
+//! `sluice check` and `sluice run`: start-up (signals are caught from its first step on),
+//! readiness, and the signal-driven shutdown.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -51,8 +52,8 @@ pub(crate) fn check(path: &Path) -> ExitCode {
         let t = &listener.timeouts;
         let _ = writeln!(
             out,
-            "listener {} {} {} {}: {} backend(s), connect {:?}, idle {}, half_close {}, \
-             user_timeout {}, keepalive {}, max_connections {}, on_max_connections {:?}, \
+            "listener {} {} {} {}: {} backend(s), connect {}, idle {}, half_close {}, \
+             user_timeout {}, keepalive {}, max_connections {}, on_max_connections {}, \
              retries {}",
             listener.name,
             match listener.protocol {
@@ -62,13 +63,13 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             listener.bind,
             listener.algorithm.name(),
             listener.backends.len(),
-            t.connect,
+            Written(t.connect),
             off_or(t.idle),
             off_or(t.half_close),
             if t.user_timeout.is_zero() {
                 "kernel default".to_owned()
             } else {
-                format!("{:?}", t.user_timeout)
+                Written(t.user_timeout).to_string()
             },
             keepalive_summary(&listener.keepalive),
             if listener.max_connections == 0 {
@@ -76,7 +77,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
             } else {
                 listener.max_connections.to_string()
             },
-            listener.on_max_connections,
+            match listener.on_max_connections {
+                sluice_config::OnMaxConnections::Queue => "queue",
+                sluice_config::OnMaxConnections::Reject => "reject",
+            },
             listener.retries,
         );
         for (spec, addr) in listener.backends.iter().zip(addrs) {
@@ -102,10 +106,10 @@ pub(crate) fn check(path: &Path) -> ExitCode {
 fn health_summary(listener: &sluice_config::Listener) -> String {
     let active = match &listener.health {
         Some(h) => format!(
-            "health {} every {:?} (timeout {:?}, rise {}, fall {})",
+            "health {} every {} (timeout {}, rise {}, fall {})",
             h.check.name(),
-            h.interval,
-            h.timeout,
+            Written(h.interval),
+            Written(h.timeout),
             h.rise,
             h.fall
         ),
@@ -116,8 +120,10 @@ fn health_summary(listener: &sluice_config::Listener) -> String {
         "passive ejection off".to_owned()
     } else {
         format!(
-            "passive ejection after {} failures for {:?} (at most {}%)",
-            p.consecutive_failures, p.ejection_time, p.max_ejection_percent
+            "passive ejection after {} failures for {} (at most {}%)",
+            p.consecutive_failures,
+            Written(p.ejection_time),
+            p.max_ejection_percent
         )
     };
     format!(
@@ -132,8 +138,10 @@ fn health_summary(listener: &sluice_config::Listener) -> String {
 fn keepalive_summary(keepalive: &sluice_config::Keepalive) -> String {
     if keepalive.is_on() {
         format!(
-            "{:?}/{:?} x{}",
-            keepalive.time, keepalive.interval, keepalive.probes
+            "{}/{} x{}",
+            Written(keepalive.time),
+            Written(keepalive.interval),
+            keepalive.probes
         )
     } else {
         "off".into()
@@ -144,23 +152,53 @@ fn off_or(d: Duration) -> String {
     if d.is_zero() {
         "off".into()
     } else {
-        format!("{d:?}")
+        Written(d).to_string()
+    }
+}
+
+/// A duration as the config writes it: `2s`, `1500ms` (Rust's `Debug` would say `1.5s`, which
+/// the config does not accept).
+pub(crate) struct Written(pub Duration);
+
+impl std::fmt::Display for Written {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d.subsec_nanos() == 0 {
+            write!(f, "{}s", d.as_secs())
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+            write!(f, "{}ms", d.as_millis())
+        } else {
+            write!(f, "{d:?}")
+        }
     }
 }
 
 /// `sluice run`: start the data plane, then the control plane on this thread.
 pub(crate) fn run(path: &Path) -> ExitCode {
+    // The runtime and the signal handlers come before anything slow (resolving hostnames, the
+    // first probes): the default action of SIGHUP and SIGTERM is to kill the process.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            crate::fatal(format_args!("starting the control plane: {e}"));
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
+    let mut signals = match Signals::install(&runtime) {
+        Ok(signals) => signals,
+        Err(e) => {
+            crate::fatal(format_args!("cannot install signal handlers: {e}"));
+            return ExitCode::from(exit::OS_ERROR);
+        }
+    };
     let resolved = match load(path) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let mut health = match crate::health::Manager::new(&resolved) {
-        Ok(health) => health,
-        Err(message) => {
-            eprintln!("sluice: {message}");
-            return ExitCode::from(exit::USAGE);
-        }
-    };
+    let mut health = crate::health::Manager::new(&resolved);
     let fd_limit = sluice_dataplane::raise_fd_limit();
     let mut plane_config = plan::plane(&resolved.config, fd_limit);
     plane_config.events = Some(health.sink());
@@ -171,25 +209,19 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         connections_max = plane_config.connections_max_total,
         "starting"
     );
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sluice: starting the control plane: {e}");
-            return ExitCode::from(exit::OS_ERROR);
-        }
-    };
     // Every backend with an active check is probed once before any listener accepts.
-    runtime.block_on(health.probe_all_once());
+    let probed = runtime.block_on(signals.during_start(health.probe_all_once()));
+    if probed.is_none() {
+        return ExitCode::SUCCESS;
+    }
     let snapshots = Arc::new(SnapshotCell::new(
         health.snapshot(std::time::Instant::now()),
     ));
+    // A signal that arrives while the workers start waits in its handler for the loops below.
     let plane = match sluice_dataplane::start(plane_config, Arc::clone(&snapshots)) {
         Ok(plane) => Arc::new(plane),
         Err(e) => {
-            tracing::error!("{e}");
+            crate::fatal(&e);
             return ExitCode::from(match e {
                 StartError::Uring(_) => exit::UNAVAILABLE,
                 StartError::Os { .. } => exit::OS_ERROR,
@@ -199,20 +231,20 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     let health_view = health.view();
     let config = resolved.config;
     runtime.block_on(async move {
-        // Signal handlers go in before readiness is announced: a SIGTERM right after
-        // "sluice ready" must drain, not kill.
-        let (Ok(term), Ok(int), Ok(hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            eprintln!("sluice: cannot install signal handlers");
-            plane.close_all();
-            return ExitCode::from(exit::OS_ERROR);
-        };
+        let Signals {
+            term,
+            int,
+            hup,
+            reload_pending,
+        } = signals;
         let reloads = health.sender();
         health.spawn(Arc::clone(&snapshots), Arc::clone(&plane));
-        tokio::spawn(reload_on_sighup(hup, path.to_owned(), reloads));
+        tokio::spawn(reload_on_sighup(
+            hup,
+            path.to_owned(),
+            reloads,
+            reload_pending,
+        ));
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
             let udp = config
@@ -228,7 +260,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 udp,
             );
             if let Err(e) = crate::admin::serve(admin.bind, view).await {
-                eprintln!("sluice: admin endpoint {}: {e}", admin.bind);
+                crate::fatal(format_args!("admin endpoint {}: {e}", admin.bind));
                 plane.close_all();
                 return ExitCode::from(exit::OS_ERROR);
             }
@@ -241,16 +273,64 @@ pub(crate) fn run(path: &Path) -> ExitCode {
     })
 }
 
-/// SIGHUP: reads the config file again; a file that loads and resolves goes to the health
-/// manager, which applies what can change while running. A bad file changes nothing: its
-/// errors are logged (file:line:column) and the running config stays.
+/// The signals `run` acts on, caught from the start of `run` on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+    /// A SIGHUP came during start-up: reload once started.
+    reload_pending: bool,
+}
+
+impl Signals {
+    fn install(runtime: &tokio::runtime::Runtime) -> std::io::Result<Signals> {
+        let _context = runtime.enter();
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            reload_pending: false,
+        })
+    }
+
+    /// Runs one step of the start-up while watching the signals. SIGTERM or SIGINT ends the
+    /// start (`None`): nothing listens yet, so there is nothing to drain. SIGHUP is logged and
+    /// kept: the file is read again once Sluice has started, so an edit made meanwhile is
+    /// applied, not lost.
+    async fn during_start<T>(&mut self, step: impl Future<Output = T>) -> Option<T> {
+        let mut step = std::pin::pin!(step);
+        loop {
+            let name = tokio::select! {
+                done = &mut step => return Some(done),
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP during start-up: the config is reloaded once started");
+                    self.reload_pending = true;
+                    continue;
+                }
+            };
+            tracing::info!("{name} during start-up: exiting before any listener accepts");
+            return None;
+        }
+    }
+}
+
+/// SIGHUP (and, when `pending`, one that came during start-up): reads the config file again;
+/// a file that loads and resolves goes to the health manager, which applies what can change
+/// while running. A bad file changes nothing: its errors are logged (file:line:column) and the
+/// running config stays.
 async fn reload_on_sighup(
     mut hup: Signal,
     path: std::path::PathBuf,
     reloads: tokio::sync::mpsc::Sender<crate::health::Event>,
+    mut pending: bool,
 ) {
-    while hup.recv().await.is_some() {
-        tracing::info!(config = %path.display(), "SIGHUP: reloading");
+    loop {
+        if !std::mem::take(&mut pending) && hup.recv().await.is_none() {
+            return;
+        }
+        tracing::info!(config = path.display().to_string(), "SIGHUP: reloading");
         let file = path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let config = sluice_config::load(&file)?;
@@ -269,7 +349,7 @@ async fn reload_on_sighup(
                     tracing::error!("reload rejected, running config kept: {error}");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "reload failed; running config kept"),
+            Err(e) => tracing::error!(error = e.to_string(), "reload failed; running config kept"),
         }
     }
 }
@@ -286,14 +366,14 @@ async fn wait_for_shutdown(
         _ = term.recv() => {}
         _ = int.recv() => {}
         _ = watch_workers(plane) => {
-            tracing::error!("every worker stopped");
+            crate::fatal("every worker stopped; exiting");
             return ExitCode::from(exit::OS_ERROR);
         }
     }
     let open = plane.active_connections();
     tracing::info!(
         open,
-        ?shutdown_timeout,
+        shutdown_timeout = %Written(shutdown_timeout),
         "shutting down: no longer accepting"
     );
     plane.drain();

@@ -204,8 +204,11 @@ fn run_with_a_bad_config_exits_64() {
 /// A backend given by hostname is resolved once at start; `check` shows what it resolved to.
 #[test]
 fn a_backend_hostname_is_resolved_at_start() {
-    let yaml = "listeners:\n  - name: byname\n    bind: \"127.0.0.1:0\"\n    backends: [\"localhost:7001\"]\n";
-    let config = ConfigFile::new(yaml);
+    let yaml = format!(
+        "listeners:\n  - name: byname\n    bind: \"{}\"\n    backends: [\"localhost:7001\"]\n",
+        sluice_testkit::free_addr()
+    );
+    let config = ConfigFile::new(&yaml);
     let output = run_config_command(binary(), "check", &config);
     assert_eq!(output.status.code(), Some(0), "stderr:\n{}", output.stderr);
     assert!(
@@ -217,5 +220,98 @@ fn a_backend_hostname_is_resolved_at_start() {
                 .contains("backend localhost:7001 -> [::1]:7001"),
         "localhost not shown resolved to a loopback address:\n{}",
         output.stdout
+    );
+}
+
+/// What `run` would refuse at start, `check` refuses first: both exit 64 with the same
+/// `file:line:column: field: message` line.
+#[test]
+fn check_refuses_what_run_refuses_with_the_same_message() {
+    let dir = std::env::temp_dir();
+    let edit = |from: &str, to: &str| {
+        assert!(VALID.contains(from), "{from:?} is not in the valid config");
+        VALID.replacen(from, to, 1)
+    };
+    let admin = |bind: &str| format!("{VALID}admin:\n  bind: \"{bind}\"\n");
+    let health =
+        |file: &str| format!("{VALID}    health: {{ check: redis, password_file: {file} }}\n");
+    let cases = vec![
+        Case {
+            what: "listener bind on port 0",
+            yaml: edit("bind: \"127.0.0.1:18080\"", "bind: \"127.0.0.1:0\""),
+            line: 6,
+            field: "listeners[0].bind",
+        },
+        Case {
+            what: "admin bind on port 0",
+            yaml: admin("127.0.0.1:0"),
+            line: 14,
+            field: "admin.bind",
+        },
+        Case {
+            what: "admin.bind equal to a listener's bind",
+            yaml: admin("127.0.0.1:18080"),
+            line: 14,
+            field: "admin.bind",
+        },
+        Case {
+            what: "admin.bind inside a wildcard listener's bind",
+            yaml: format!(
+                "{}admin:\n  bind: \"127.0.0.1:18080\"\n",
+                edit("bind: \"127.0.0.1:18080\"", "bind: \"0.0.0.0:18080\"")
+            ),
+            line: 14,
+            field: "admin.bind",
+        },
+        Case {
+            what: "admin.bind on a wildcard over a listener's bind",
+            yaml: admin("0.0.0.0:18080"),
+            line: 14,
+            field: "admin.bind",
+        },
+        Case {
+            what: "password_file that does not exist",
+            yaml: health("/nonexistent/sluice-test.pass"),
+            line: 13,
+            field: "listeners[0].health.password_file",
+        },
+        Case {
+            what: "password_file that cannot be read (a directory)",
+            yaml: health(&dir.display().to_string()),
+            line: 13,
+            field: "listeners[0].health.password_file",
+        },
+    ];
+    let mut failures = Vec::new();
+    for case in cases {
+        let config = ConfigFile::new(&case.yaml);
+        let location = format!("{}:{}:", config.path().display(), case.line);
+        let check = run_config_command(binary(), "check", &config);
+        let line = check.stderr.lines().find(|line| {
+            line.starts_with(&location) && line.contains(&format!(" {}: ", case.field))
+        });
+        let Some(line) = line.filter(|_| check.status.code() == Some(64)) else {
+            failures.push(format!(
+                "{}: check exited {:?}, expected 64 and a line starting {location:?} naming {:?}\n--- stderr ---\n{}",
+                case.what, check.status.code(), case.field, check.stderr
+            ));
+            continue;
+        };
+        let mut command = std::process::Command::new(binary());
+        command.arg("run").arg("-c").arg(config.path());
+        match sluice_testkit::run_with_timeout(&mut command, std::time::Duration::from_secs(5)) {
+            Ok(run) if run.status.code() == Some(64) && run.stderr.lines().any(|l| l == line) => {}
+            Ok(run) => failures.push(format!(
+                "{}: run exited {:?}, expected 64 and the line check printed:\n{line}\n--- stderr ---\n{}",
+                case.what, run.status.code(), run.stderr
+            )),
+            Err(error) => failures.push(format!("{}: run did not refuse it: {error}", case.what)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
 }

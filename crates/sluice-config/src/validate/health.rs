@@ -75,6 +75,7 @@ impl Walker<'_> {
     pub(super) fn listener_health(&mut self, fields: &Fields, path: &str, listener: &mut Listener) {
         if let Some(node) = fields.get("health") {
             listener.health = self.health(node, &format!("{path}.health"));
+            listener.password_file_location = node.get("password_file").map(|n| n.location);
         }
         if let Some(node) = fields.get("passive") {
             listener.passive = self.passive(node, &format!("{path}.passive"));

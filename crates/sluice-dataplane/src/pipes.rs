@@ -62,7 +62,10 @@ impl PipePool {
             match self.make() {
                 Ok(pipe) => self.pipes[id as usize] = Some(pipe),
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot create a pipe; copying instead");
+                    tracing::debug!(
+                        error = e.to_string(),
+                        "cannot create a pipe; copying instead"
+                    );
                     self.free.push(id);
                     return None;
                 }

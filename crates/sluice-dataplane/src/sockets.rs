@@ -153,7 +153,12 @@ pub fn raise_fd_limit() -> u64 {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             Ok(()) => hard,
             Err(e) => {
-                tracing::warn!(soft, hard, error = %e, "could not raise RLIMIT_NOFILE");
+                tracing::warn!(
+                    soft,
+                    hard,
+                    error = e.to_string(),
+                    "could not raise RLIMIT_NOFILE"
+                );
                 soft
             }
         },

@@ -266,7 +266,11 @@ pub(crate) fn run(args: WorkerArgs, ready: mpsc::Sender<Result<usize, StartError
     let _ = ready.send(Ok(index));
     drop(ready);
     if let Err(e) = worker.run() {
-        tracing::error!(worker = index, error = %e, "worker stopped on an OS error");
+        tracing::error!(
+            worker = index,
+            error = e.to_string(),
+            "worker stopped on an OS error"
+        );
     }
 }
 
@@ -282,7 +286,11 @@ impl Worker {
         if config.pin_workers {
             match sockets::pin_to_cpu(index) {
                 Ok(cpu) => tracing::debug!(worker = index, cpu, "pinned"),
-                Err(e) => tracing::warn!(worker = index, error = %e, "could not pin worker"),
+                Err(e) => tracing::warn!(
+                    worker = index,
+                    error = e.to_string(),
+                    "could not pin worker"
+                ),
             }
         }
         let mut ring = Uring::new(
@@ -295,7 +303,7 @@ impl Worker {
             CONNECT_SLOTS_INITIAL,
         )?;
         if index == 0 {
-            tracing::info!(features = ?ring.features(), "io_uring ready");
+            tracing::info!(features = ring.features().to_string(), "io_uring ready");
         }
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut udp = Vec::with_capacity(config.listeners.len());
@@ -536,7 +544,7 @@ impl Worker {
         tracing::debug!(
             listener = %self.config.listeners[slot.listener].name,
             backend = %DisplayAddr(slot.backend_addr),
-            error = %io::Error::from_raw_os_error(-result),
+            error = io::Error::from_raw_os_error(-result).to_string(),
             "connect failed"
         );
         // The failed socket is closed now; a retry opens a new one.
@@ -970,7 +978,7 @@ impl Worker {
                 self.park(index, now);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "could not create a backend socket");
+                tracing::debug!(error = e.to_string(), "could not create a backend socket");
                 slot.conn.handle_connect_failed(ConnectError::Other, now);
             }
         }
@@ -1170,7 +1178,7 @@ impl Worker {
                 {
                     tracing::warn!(
                         listener = %self.config.listeners[listener].name,
-                        error = %io::Error::from_raw_os_error(errno),
+                        error = io::Error::from_raw_os_error(errno).to_string(),
                         "out of file descriptors: accepting paused for {ACCEPT_PAUSE:?}"
                     );
                 }
@@ -1178,7 +1186,7 @@ impl Worker {
             _ => {
                 tracing::warn!(
                     listener = %self.config.listeners[listener].name,
-                    error = %io::Error::from_raw_os_error(errno),
+                    error = io::Error::from_raw_os_error(errno).to_string(),
                     "accept failed; retrying after {ACCEPT_PAUSE:?}"
                 );
                 self.listeners[listener].paused_until = Some(now + ACCEPT_PAUSE);

@@ -485,7 +485,7 @@ impl Worker {
                 recv_op: None,
             }),
             Err(e) => {
-                tracing::debug!(error = %e, backend = %backend.addr, "udp socket toward a backend");
+                tracing::debug!(error = e.to_string(), backend = %backend.addr, "udp socket toward a backend");
                 self.udp_counters(listener).dropped[UdpDrop::Socket.index()].add(1);
                 None
             }

@@ -661,10 +661,18 @@ impl Worker {
         // TCP_NOTSENT_LOWAT, below which a backed-up sink's unsent bytes never fall for long;
         // at 64 KiB fast bulk sinks crossed it often enough to cost 3-4% of 8-stream loopback
         // throughput, at 128 KiB nothing measurable (`bench/ab.sh`, 16 rounds).
-        let sink_backed_up = slot.pipe[dir].is_none()
-            && side_socket(slot, side.other()).is_some_and(|sink| {
-                sluice_uring::unsent_bytes(sink).is_ok_and(|n| n >= SINK_BACKLOG)
-            });
+        let sink_unsent = slot.pipe[dir]
+            .is_none()
+            .then(|| side_socket(slot, side.other()))
+            .flatten()
+            .and_then(|sink| sluice_uring::unsent_bytes(sink).ok());
+        let sink_backed_up = sink_unsent.is_some_and(|n| n >= SINK_BACKLOG);
+        // A fresh pipe takes no more than the sink takes at once (what TCP_NOTSENT_LOWAT leaves
+        // it), so that the splice-out empties it and it goes back to the pool even if the
+        // sink's peer stops reading right then. Filled to its size, a pipe kept what the sink
+        // did not take for as long as that peer took: a peer that never reads, forever (400
+        // such connections held 96 of the worker's 256 pipes, `tests/fault_stalled_readers.rs`).
+        let fill_max = sink_unsent.map_or(u32::MAX, |n| sockets::NOTSENT_LOWAT.saturating_sub(n));
         // The pipe is leased only now that bytes are ready: a connection waiting for its peer
         // holds none.
         let leased = if sink_backed_up {
@@ -681,7 +689,7 @@ impl Worker {
         };
         slot.pipe[dir] = Some(pipe);
         let filled = match side_socket(slot, side) {
-            Some(socket) => self.pipes.fill(pipe, socket),
+            Some(socket) => self.pipes.fill(pipe, socket, fill_max),
             None => Spliced::Failed(libc::EBADF),
         };
         let outcome = match filled {

@@ -8,6 +8,11 @@
 //! that push into a backend that never reads, then a backend that pushes into clients that never
 //! read. A new connection to another listener of the same worker must then be served at once:
 //! its bytes echoed, checked by SHA-256, within `SERVED_WITHIN`.
+//!
+//! Stalled directions must not hold the worker's 256 splice pipes either: a third scenario
+//! stalls more directions than there are pipes, with a backend whose window and pushes are
+//! larger (what made pipes keep bytes the sink could not take), and the new connection's bulk
+//! bytes must still be spliced.
 
 mod common;
 
@@ -20,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
 use sluice_testkit::{
-    EchoServer, Sluice, figure, free_addr, raise_fd_limit, reset, scrape_metrics, series,
-    verify_echo,
+    EchoServer, SlowBackend, Sluice, figure, free_addr, raise_fd_limit, reset, scrape_metrics,
+    series, verify_echo,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -34,6 +39,15 @@ const CROWD: usize = 2200;
 /// direction's two chunks stay queued in Sluice; less than the whole path holds, so that every
 /// push ends without blocking.
 const PUSH: usize = 336 * 1024;
+/// The pipe scenario: more stalled directions than a worker has pipes, pushing more (so that
+/// bursts are spliced while the sinks fill), into a `SlowBackend` (64 KiB receive buffers) that
+/// reads one byte per connection per tick: never enough to reopen a window.
+const PIPE_CROWD: usize = 400;
+const PIPE_PUSH: usize = 480 * 1024;
+const NEVER_READ: usize = 1;
+const NEVER_TICK: Duration = Duration::from_millis(250);
+/// Pipes the stalled crowd may still hold once settled (of 256).
+const PIPES_HELD_MAX: f64 = 32.0;
 /// The kernel buffers of the test's own sockets, small so that the crowd's bytes stay far
 /// from the kernel's TCP memory pressure mark.
 const PEER_BUFFER: usize = 16 * 1024;
@@ -180,11 +194,11 @@ fn connect_small(addr: SocketAddr) -> TcpStream {
     socket.into()
 }
 
-/// Writes `PUSH` bytes to each stream, without ever blocking on one: until each took them all,
-/// or nothing moved for `SETTLED`, or `PUSH_TIMEOUT`. Returns the bytes written.
-fn push_all(streams: &[TcpStream]) -> u64 {
+/// Writes `bytes` to each stream, without ever blocking on one: until each took them all, or
+/// nothing moved for `SETTLED`, or `PUSH_TIMEOUT`. Returns the bytes written.
+fn push_all(streams: &[TcpStream], bytes: usize) -> u64 {
     let chunk = vec![0x5a_u8; 64 * 1024];
-    let mut left = vec![PUSH; streams.len()];
+    let mut left = vec![bytes; streams.len()];
     for stream in streams {
         stream.set_nonblocking(true).expect("non-blocking");
     }
@@ -205,7 +219,7 @@ fn push_all(streams: &[TcpStream]) -> u64 {
         }
         thread::sleep(Duration::from_millis(5));
     }
-    left.iter().map(|&l| (PUSH - l) as u64).sum()
+    left.iter().map(|&l| (bytes - l) as u64).sum()
 }
 
 /// A backend that accepts connections and hands them to the test (which pushes into them and
@@ -347,7 +361,7 @@ fn backends_that_never_read() {
     wait_for("every client to reach the backend", || {
         backend.accepted() >= CROWD
     });
-    let pushed = push_all(&clients);
+    let pushed = push_all(&clients, PUSH);
     check_new_connection(
         "backends that never read, clients pushing, 1 worker",
         &instance,
@@ -373,7 +387,7 @@ fn clients_that_never_read() {
         backend.accepted() >= CROWD
     });
     let streams = backend.take();
-    let pushed = push_all(&streams);
+    let pushed = push_all(&streams, PUSH);
     check_new_connection(
         "clients that never read, backends pushing, 1 worker",
         &instance,
@@ -381,4 +395,53 @@ fn clients_that_never_read() {
         started,
     );
     instance.close_crowd(clients.into_iter().chain(streams));
+}
+
+#[test]
+fn stalled_sinks_leave_the_pipes_to_others() {
+    let _turn = one_at_a_time();
+    if !enough_fds() {
+        return;
+    }
+    let backend = SlowBackend::start(NEVER_READ, NEVER_TICK);
+    let instance = Instance::start(backend.addr());
+    let started = Instant::now();
+    let clients: Vec<TcpStream> = (0..PIPE_CROWD)
+        .map(|_| connect_small(instance.stalled_front))
+        .collect();
+    wait_for("every client to reach the backend", || {
+        backend.connections() >= PIPE_CROWD
+    });
+    let pushed = push_all(&clients, PIPE_PUSH);
+    instance.wait_settled();
+    let held = instance.metric("sluice_pipes_leased");
+    let spliced_before = instance.metric("sluice_bytes_spliced_total");
+    let served = instance.serve_new();
+    let spliced = instance.metric("sluice_bytes_spliced_total") - spliced_before;
+    figure(
+        "backends that never read, clients pushing bursts, 1 worker: pipes",
+        &format!(
+            "the stalled crowd holds <= {PIPES_HELD_MAX} of 256 pipes; a new connection splices"
+        ),
+        &format!(
+            "{PIPE_CROWD} stalled connections ({} MiB pushed, set up in {:.1} s): {held} pipes \
+             held; the new connection's echo {}, {spliced} bytes spliced meanwhile",
+            pushed >> 20,
+            started.elapsed().as_secs_f64(),
+            match &served {
+                Ok(took) => format!("took {} ms", took.as_millis()),
+                Err(error) => format!("failed: {error}"),
+            }
+        ),
+    );
+    served.unwrap_or_else(|error| panic!("the new connection was not served: {error}"));
+    assert!(
+        held <= PIPES_HELD_MAX,
+        "{PIPE_CROWD} connections stalled behind backends that never read hold {held} pipes"
+    );
+    assert!(
+        spliced > 0.0,
+        "the new connection's {ECHO_BYTES} bytes were copied: no pipe was left for it"
+    );
+    instance.close_crowd(clients.into_iter());
 }

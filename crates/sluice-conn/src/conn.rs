@@ -424,6 +424,57 @@ impl<B: Copy> Conn<B> {
 
     /// A send toward `to` completed.
     pub fn handle_sent(&mut self, to: Side, outcome: SendOutcome, now: Instant) {
+        if self.finish_send(to, outcome, now) {
+            self.pump();
+        }
+    }
+
+    /// A send toward `to` that the driver stopped (cancelled) ended with `outcome`: `Sent(n)`
+    /// for the bytes written before the cancel took effect (all of them if it came too late),
+    /// `Cancelled` for none. Handled as [`Conn::handle_sent`], except that before the next send
+    /// starts, every chunk left in the direction is offered to `rehome` (see [`Conn::rehome`]):
+    /// the driver stops a send that a peer does not take, to move its bytes out of a shared
+    /// buffer, and the next send then starts from where they are now.
+    pub fn handle_sent_rehomed(
+        &mut self,
+        to: Side,
+        outcome: SendOutcome,
+        now: Instant,
+        rehome: impl FnMut(Chunk<B>) -> Option<(B, u32)>,
+    ) {
+        if self.finish_send(to, outcome, now) {
+            self.rehome(Dir::from_source(to.other()), rehome);
+            self.pump();
+        }
+    }
+
+    /// Moves the chunks of `dir` that no send in flight uses to other buffers. `rehome` is
+    /// offered each one, front first, and answers with the buffer that now holds its unsent
+    /// bytes (`chunk.len` of them) and their offset there, or `None` to leave it where it is;
+    /// the buffer it replaced is released ([`Action::Release`]). Bytes, order and the two-chunk
+    /// bound are unchanged: only where the bytes wait changes.
+    pub fn rehome(&mut self, dir: Dir, mut rehome: impl FnMut(Chunk<B>) -> Option<(B, u32)>) {
+        let flow = &mut self.flows[dir.index()];
+        // The chunk of a send in flight is the kernel's until that send completes.
+        let in_flight = usize::from(flow.send_in_flight);
+        for chunk in flow.queue.iter_mut().skip(in_flight) {
+            if let Some((buf, offset)) = rehome(*chunk) {
+                self.actions.push_back(Action::Release(chunk.buf));
+                chunk.buf = buf;
+                chunk.offset = offset;
+            }
+        }
+    }
+
+    /// The chunk that the send in flight of `dir` writes, if one is in flight.
+    pub fn sending(&self, dir: Dir) -> Option<Chunk<B>> {
+        let flow = &self.flows[dir.index()];
+        flow.send_in_flight.then(|| flow.queue.front()).flatten()
+    }
+
+    /// Takes a send's outcome into the direction's queue; false when nothing more may start
+    /// (closed, or the sink is gone and the chunk was released).
+    fn finish_send(&mut self, to: Side, outcome: SendOutcome, now: Instant) -> bool {
         let dir = Dir::from_source(to.other());
         let flow = &mut self.flows[dir.index()];
         flow.send_in_flight = false;
@@ -432,13 +483,13 @@ impl<B: Copy> Conn<B> {
             if let Some(chunk) = flow.queue.pop() {
                 self.actions.push_back(Action::Release(chunk.buf));
             }
-            return;
+            return false;
         }
         match outcome {
             SendOutcome::Sent(n) => {
                 self.last_activity = now;
                 let Some(front) = flow.queue.front_mut() else {
-                    return;
+                    return false;
                 };
                 let n = n.min(front.len);
                 front.offset += n;
@@ -456,13 +507,13 @@ impl<B: Copy> Conn<B> {
                         self.actions.push_back(Action::Release(chunk.buf));
                     }
                     self.finish_linger(gone);
-                    return;
+                    return false;
                 }
                 _ => self.side_gone(to, now),
             },
             SendOutcome::Cancelled => {}
         }
-        self.pump();
+        true
     }
 
     /// Buffers were returned to the shared pool: re-arm receives that found it empty.
@@ -982,6 +1033,112 @@ mod tests {
                 ..
             })]
         ));
+    }
+
+    #[test]
+    fn a_stalled_direction_moves_its_bytes_to_other_buffers_in_order() {
+        let t = Instant::now();
+        let mut c = established(t);
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 1, len: 100 }, t);
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 2, len: 50 }, t);
+        assert_eq!(
+            drain(&mut c),
+            vec![send(Side::Backend, 1, 0, 100), A::Recv(Side::Client)]
+        );
+        // While its send is in flight, only the chunk queued behind it may move.
+        let sending = Chunk {
+            buf: 1,
+            offset: 0,
+            len: 100,
+        };
+        assert_eq!(c.sending(Dir::ToBackend), Some(sending));
+        let mut offered = Vec::new();
+        c.rehome(Dir::ToBackend, |chunk| {
+            offered.push(chunk);
+            Some((20, 0))
+        });
+        assert_eq!(
+            offered,
+            vec![Chunk {
+                buf: 2,
+                offset: 0,
+                len: 50
+            }]
+        );
+        assert_eq!(drain(&mut c), vec![A::Release(2)]);
+        assert_eq!(c.sending(Dir::ToBackend), Some(sending));
+        // The driver stopped the send after 30 bytes: the other 70 move (to offset 4 of
+        // buffer 10), chunk 20 stays, and sending resumes from the new place, in order.
+        let mut offered = Vec::new();
+        c.handle_sent_rehomed(Side::Backend, SendOutcome::Sent(30), t, |chunk| {
+            offered.push(chunk);
+            (chunk.buf == 1).then_some((10, 4))
+        });
+        let rest = Chunk {
+            buf: 1,
+            offset: 30,
+            len: 70,
+        };
+        assert_eq!(
+            offered,
+            vec![
+                rest,
+                Chunk {
+                    buf: 20,
+                    offset: 0,
+                    len: 50
+                }
+            ]
+        );
+        assert_eq!(
+            drain(&mut c),
+            vec![A::Release(1), send(Side::Backend, 10, 4, 70)]
+        );
+        c.handle_sent(Side::Backend, SendOutcome::Sent(70), t);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                A::Release(10),
+                send(Side::Backend, 20, 0, 50),
+                A::Recv(Side::Client)
+            ]
+        );
+        // A cancel that took effect before any byte went moves the whole chunk.
+        c.handle_sent_rehomed(Side::Backend, SendOutcome::Cancelled, t, |chunk| {
+            assert_eq!(
+                chunk,
+                Chunk {
+                    buf: 20,
+                    offset: 0,
+                    len: 50
+                }
+            );
+            Some((30, 0))
+        });
+        assert_eq!(
+            drain(&mut c),
+            vec![A::Release(20), send(Side::Backend, 30, 0, 50)]
+        );
+        assert_eq!(c.sending(Dir::ToClient), None);
+    }
+
+    #[test]
+    fn a_stopped_send_after_close_only_releases_its_buffer() {
+        let t = Instant::now();
+        let mut c = established(t);
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 1, len: 10 }, t);
+        c.handle_recv(Side::Client, RecvOutcome::Data { buf: 2, len: 10 }, t);
+        drain(&mut c);
+        c.handle_shutdown();
+        drain(&mut c);
+        // Nothing is left to move once closed: the queued chunk was released at the close.
+        c.rehome(Dir::ToBackend, |_| {
+            panic!("a chunk offered after the close")
+        });
+        c.handle_sent_rehomed(Side::Backend, SendOutcome::Sent(4), t, |_| {
+            panic!("a chunk offered after the close")
+        });
+        assert_eq!(drain(&mut c), vec![A::Release(1)]);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! in flight, and only while the other side's queue has room: that is the backpressure), what to
 //! send next (at most one send in flight per direction, in order, never a byte twice), when to
 //! carry a FIN as `shutdown(SHUT_WR)`, how to carry a reset (drain, wait for the acknowledgement,
-//! then reset the other side), and the connect, idle, half-close and linger timeouts.
+//! then reset the other side), and the connect, idle, half-close and linger timeouts. When the
+//! driver moves a direction's waiting bytes to other buffers (`rehome`, `handle_sent_rehomed`:
+//! it takes a stalled direction out of its shared pool), the machine keeps their order and
+//! releases each buffer it gave up.
 //!
 //! What it does not do: choose the backend (the driver asks `sluice-balance` on
 //! [`Action::Connect`]), count metrics, or know about listeners.

@@ -66,6 +66,16 @@ impl<B: Copy> ChunkQueue<B> {
         }
     }
 
+    /// Every chunk, front first.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Chunk<B>> {
+        let (wrapped, from_head) = self.slots.split_at_mut(self.head);
+        from_head
+            .iter_mut()
+            .chain(wrapped.iter_mut())
+            .take(self.len)
+            .flatten()
+    }
+
     pub(crate) fn pop(&mut self) -> Option<Chunk<B>> {
         if self.is_empty() {
             return None;

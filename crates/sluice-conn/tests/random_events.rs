@@ -2,14 +2,16 @@
 //! must hold whatever the peers and the kernel do: every byte sent toward a side is the next
 //! byte read from the other side (in order, never twice), at most one receive per side and one
 //! send per direction are in flight, nothing new starts after `Close`, at most two chunks wait
-//! per direction, and every buffer is released exactly once.
+//! per direction, and every buffer is released exactly once. The driver also moves chunks to
+//! other buffers now and then (`rehome`, and sends it stops: `handle_sent_rehomed`), as the
+//! io_uring driver does for a direction stalled behind a peer that does not read.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sluice_conn::{Action, Conn, ConnectError, Limits, RecvOutcome, SendOutcome, Side};
+use sluice_conn::{Action, Chunk, Conn, ConnectError, Dir, Limits, RecvOutcome, SendOutcome, Side};
 
 const SIDES: [Side; 2] = [Side::Client, Side::Backend];
 
@@ -181,6 +183,19 @@ impl Sim {
             self.conn.handle_unacked(side, unacked, self.now);
             return true;
         }
+        if self.rng.random_range(0..30) == 0 {
+            // The driver moves the chunks no send uses (a direction stalled behind a pipe).
+            let dir = [Dir::ToBackend, Dir::ToClient][self.rng.random_range(0..2)];
+            let Sim {
+                conn,
+                rng,
+                buffers,
+                next_buf,
+                ..
+            } = self;
+            conn.rehome(dir, |chunk| rehome(rng, buffers, next_buf, chunk));
+            return true;
+        }
         if !self.closed && self.rng.random_range(0..80) == 0 {
             // The driver's error watch reports a reset, outside any receive or send.
             let side = SIDES[self.rng.random_range(0..2)];
@@ -263,8 +278,46 @@ impl Sim {
             self.written[idx(to)] += u64::from(n);
             SendOutcome::Sent(n)
         };
-        self.conn.handle_sent(to, outcome, self.now);
+        if self.rng.random_range(0..8) == 0 {
+            // The driver stopped this send (a peer that does not read) and moves what is left.
+            let Sim {
+                conn,
+                rng,
+                buffers,
+                next_buf,
+                now,
+                ..
+            } = self;
+            conn.handle_sent_rehomed(to, outcome, *now, |chunk| {
+                rehome(rng, buffers, next_buf, chunk)
+            });
+        } else {
+            self.conn.handle_sent(to, outcome, self.now);
+        }
     }
+}
+
+/// The driver's answer to an offered chunk: usually a new buffer holding its unsent bytes at a
+/// random offset (recorded like a received one), sometimes none (the chunk stays).
+fn rehome(
+    rng: &mut StdRng,
+    buffers: &mut HashMap<u32, (Side, u64, u32)>,
+    next_buf: &mut u32,
+    chunk: Chunk<u32>,
+) -> Option<(u32, u32)> {
+    if rng.random_range(0..4) == 0 {
+        return None;
+    }
+    let (source, start, _) = buffers[&chunk.buf];
+    let at = start + u64::from(chunk.offset);
+    // The new buffer's first byte is the stream's byte `at - offset` (the model never goes
+    // before the stream's start).
+    let offset = rng.random_range(0..100_u64).min(at) as u32;
+    let buf = *next_buf;
+    *next_buf += 1;
+    let first = at - u64::from(offset);
+    buffers.insert(buf, (source, first, offset + chunk.len));
+    Some((buf, offset))
 }
 
 #[test]

@@ -105,9 +105,9 @@ impl PipePool {
         self.leased
     }
 
-    /// Moves up to the pipe's room from `socket` into the pipe.
-    pub(crate) fn fill(&mut self, id: PipeId, socket: BorrowedFd<'_>) -> Spliced {
-        let room = self.room(id);
+    /// Moves up to the pipe's room, and at most `max` bytes, from `socket` into the pipe.
+    pub(crate) fn fill(&mut self, id: PipeId, socket: BorrowedFd<'_>, max: u32) -> Spliced {
+        let room = self.room(id).min(max);
         let Some(pipe) = self.pipes[id as usize].as_mut() else {
             return Spliced::Failed(libc::EBADF);
         };
@@ -187,10 +187,17 @@ mod tests {
         c.set_nonblocking(true).unwrap();
         let mut pool = PipePool::new(2, 64 * 1024);
         let id = pool.lease().unwrap();
-        assert!(matches!(pool.fill(id, b.as_fd()), Spliced::WouldBlock));
+        assert!(matches!(
+            pool.fill(id, b.as_fd(), u32::MAX),
+            Spliced::WouldBlock
+        ));
         a.write_all(b"through a pipe").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(matches!(pool.fill(id, b.as_fd()), Spliced::Moved(14)));
+        assert!(matches!(pool.fill(id, b.as_fd(), 8), Spliced::Moved(8)));
+        assert!(matches!(
+            pool.fill(id, b.as_fd(), u32::MAX),
+            Spliced::Moved(6)
+        ));
         assert_eq!(pool.held(id), 14);
         assert!(matches!(pool.drain(id, c.as_fd(), 4), Spliced::Moved(4)));
         assert!(matches!(pool.drain(id, c.as_fd(), 10), Spliced::Moved(10)));
@@ -203,13 +210,19 @@ mod tests {
         let id = pool.lease().unwrap();
         a.write_all(b"stale").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(matches!(pool.fill(id, b.as_fd()), Spliced::Moved(5)));
+        assert!(matches!(
+            pool.fill(id, b.as_fd(), u32::MAX),
+            Spliced::Moved(5)
+        ));
         pool.give_back(id);
         let again = pool.lease().unwrap();
         let other = pool.lease().unwrap();
         assert_eq!(pool.held(again) + pool.held(other), 0);
         assert!(pool.lease().is_none(), "the pool is bounded");
         drop(a);
-        assert!(matches!(pool.fill(again, b.as_fd()), Spliced::Eof));
+        assert!(matches!(
+            pool.fill(again, b.as_fd(), u32::MAX),
+            Spliced::Eof
+        ));
     }
 }

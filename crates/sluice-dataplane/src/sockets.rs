@@ -124,7 +124,7 @@ pub(crate) fn backend_socket(addr: SocketAddr, settings: &SocketSettings) -> io:
 /// connection by half and more (`crates/sluice/tests/fault_slow.rs`). One pipe's worth keeps a
 /// splice burst whole. The price, on loopback where one segment is 64 KiB: about 5% of
 /// 8-stream bulk throughput (`bench/ab.sh`, 16 rounds: 0.93 of the build without it).
-const NOTSENT_LOWAT: u32 = 256 * 1024;
+pub(crate) const NOTSENT_LOWAT: u32 = 256 * 1024;
 
 /// TCP_NODELAY (we forward what we get, when we get it), keepalive (dead peers are noticed
 /// even on connections with `timeouts.idle: 0`) and the user timeout (bytes that a vanished

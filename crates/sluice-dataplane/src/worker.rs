@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use sluice_balance::{ActiveGuard, BackendId, ClientAddr, Picker, Snapshot};
 use sluice_conn::{
-    Action, CloseKind, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side,
+    Action, Chunk, CloseKind, CloseReason, Conn, ConnectError, Dir, RecvOutcome, SendOutcome, Side,
 };
 use sluice_uring::{Completion, DATAGRAM_OP, Uring};
 use socket2::{SockRef, Socket};
 
+mod spill;
 mod udp;
 
 use crate::counters::WorkerCounters;
@@ -25,6 +26,7 @@ use crate::timers::Timers;
 use crate::{
     BackendEvent, CLOSING, DRAINING, OnMaxConnections, PlaneConfig, Shared, StartError, sockets,
 };
+use spill::{Spill, SpillId};
 
 /// Connect addresses held from the start; the table grows as slots are added.
 const CONNECT_SLOTS_INITIAL: usize = 1024;
@@ -32,8 +34,9 @@ const CONNECT_SLOTS_INITIAL: usize = 1024;
 const RING_ENTRIES: u32 = 4096;
 /// Buffers in the worker's pool and their size: 4096 x 16 KiB = 64 MiB of address space. A
 /// connection holds at most 4 (2 per direction), so 1024 connections moving bytes both ways
-/// at once never find the pool empty. Only `RING_LOW` of them start in the kernel's ring;
-/// the rest are touched (and count in RSS) only when the load needs them.
+/// at once never find the pool empty; directions stalled behind peers that do not read give
+/// theirs back when it runs low (`reclaim_buffers`). Only `RING_LOW` of them start in the
+/// kernel's ring; the rest are touched (and count in RSS) only when the load needs them.
 const BUFFER_COUNT: u16 = 4096;
 const BUFFER_SIZE: u32 = 16 * 1024;
 /// The kernel's ring is topped up from the pool's reserve to this many free buffers after
@@ -53,6 +56,13 @@ const CAP_RECHECK: Duration = Duration::from_millis(20);
 /// The longest the loop sleeps without a deadline (to notice a phase change it was not woken
 /// for; wake-ups normally arrive through the eventfd).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// Below this many free buffers (in the kernel's ring and in reserve) the pool runs low, and
+/// the directions stalled behind peers that do not read give theirs back (`reclaim_buffers`).
+const POOL_LOW: usize = BUFFER_COUNT as usize / 8;
+/// A send (or a wait for POLLOUT) that lasts this long is stalled: its peer does not read.
+const SEND_STALLED: Duration = Duration::from_millis(100);
+/// How often the connections are scanned for stalled directions while the pool runs low.
+const RECLAIM_EVERY: Duration = Duration::from_millis(50);
 /// Bounded wait for a peer to acknowledge bytes before it is reset.
 pub const RESET_LINGER: Duration = Duration::from_secs(2);
 
@@ -152,11 +162,13 @@ impl Op {
     }
 }
 
-/// Where a chunk's bytes are: a pool buffer (copied through user space) or a pipe (spliced).
+/// Where a chunk's bytes are: a pool buffer (copied through user space), a pipe (spliced), or
+/// the connection's spill (a stalled direction's bytes, moved out of the pool: see `spill.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Buf {
     Pool(u16),
     Pipe(PipeId),
+    Spill(SpillId),
 }
 
 fn user_data(op: Op, index: u32) -> u64 {
@@ -221,6 +233,12 @@ struct Slot {
     /// Per direction: the last receive left bytes in the socket, so the next one should try
     /// at once rather than wait for readiness first.
     source_nonempty: [bool; 2],
+    /// Per direction: since when its send has waited (a pool send submitted, or a splice or
+    /// spill send waiting for POLLOUT), and whether the pool send was cancelled to move its
+    /// bytes to `spill` (see `reclaim_buffers`).
+    send_since: [Option<Instant>; 2],
+    stopping: [bool; 2],
+    spill: Spill,
 }
 
 struct Worker {
@@ -251,6 +269,8 @@ struct Worker {
     udp_starved: bool,
     /// A listener receive failed: re-arm at this time.
     udp_rearm_at: Option<Instant>,
+    /// While the buffer pool runs low: the next scan for stalled directions.
+    reclaim_at: Option<Instant>,
 }
 
 /// The thread body: set up, report readiness, run until drained or closed.
@@ -372,6 +392,7 @@ impl Worker {
             udp_ops: udp::UdpOps::default(),
             udp_starved: false,
             udp_rearm_at: None,
+            reclaim_at: None,
         })
         .map(|mut worker| {
             for listener in 0..worker.udp.len() {
@@ -397,6 +418,7 @@ impl Worker {
             self.counters.pipes_shrunk.set(self.pipes.shrunk);
             self.fire_timers(now);
             self.expire_udp(now);
+            self.reclaim_buffers(now);
             self.feed_buffer_waiters(now);
             self.feed_udp(now);
             self.adopt_snapshot(now);
@@ -426,6 +448,11 @@ impl Worker {
         }
         if !self.queued.is_empty() {
             until = until.min(now + CAP_RECHECK);
+        }
+        if self.pool_low()
+            && let Some(at) = self.reclaim_at
+        {
+            until = until.min(at);
         }
         for at in [self.udp_next_expiry(), self.udp_rearm_at]
             .into_iter()
@@ -603,10 +630,20 @@ impl Worker {
             n if -n == libc::EAGAIN || -n == libc::EINTR => SendOutcome::Sent(0),
             _ => SendOutcome::Reset,
         };
-        let slot = self.slots[index as usize]
+        let Worker { ring, slots, .. } = self;
+        let slot = slots[index as usize]
             .as_mut()
             .expect("completion of a live slot");
-        slot.conn.handle_sent(to, outcome, now);
+        let dir = Dir::from_source(to.other()) as usize;
+        slot.send_since[dir] = None;
+        if std::mem::take(&mut slot.stopping[dir]) {
+            // `reclaim_buffers` cancelled this send: what it did not write moves to the spill.
+            let spill = &mut slot.spill;
+            slot.conn
+                .handle_sent_rehomed(to, outcome, now, |chunk| spill_chunk(ring, spill, chunk));
+        } else {
+            slot.conn.handle_sent(to, outcome, now);
+        }
     }
 
     /// Bytes written toward `to`: in the backend's counters, and for passive health (see
@@ -657,10 +694,18 @@ impl Worker {
         // TCP_NOTSENT_LOWAT, below which a backed-up sink's unsent bytes never fall for long;
         // at 64 KiB fast bulk sinks crossed it often enough to cost 3-4% of 8-stream loopback
         // throughput, at 128 KiB nothing measurable (`bench/ab.sh`, 16 rounds).
-        let sink_backed_up = slot.pipe[dir].is_none()
-            && side_socket(slot, side.other()).is_some_and(|sink| {
-                sluice_uring::unsent_bytes(sink).is_ok_and(|n| n >= SINK_BACKLOG)
-            });
+        let sink_unsent = slot.pipe[dir]
+            .is_none()
+            .then(|| side_socket(slot, side.other()))
+            .flatten()
+            .and_then(|sink| sluice_uring::unsent_bytes(sink).ok());
+        let sink_backed_up = sink_unsent.is_some_and(|n| n >= SINK_BACKLOG);
+        // A fresh pipe takes no more than the sink takes at once (what TCP_NOTSENT_LOWAT leaves
+        // it), so that the splice-out empties it and it goes back to the pool even if the
+        // sink's peer stops reading right then. Filled to its size, a pipe kept what the sink
+        // did not take for as long as that peer took: a peer that never reads, forever (400
+        // such connections held 96 of the worker's 256 pipes, `tests/fault_stalled_readers.rs`).
+        let fill_max = sink_unsent.map_or(u32::MAX, |n| sockets::NOTSENT_LOWAT.saturating_sub(n));
         // The pipe is leased only now that bytes are ready: a connection waiting for its peer
         // holds none.
         let leased = if sink_backed_up {
@@ -677,7 +722,7 @@ impl Worker {
         };
         slot.pipe[dir] = Some(pipe);
         let filled = match side_socket(slot, side) {
-            Some(socket) => self.pipes.fill(pipe, socket),
+            Some(socket) => self.pipes.fill(pipe, socket, fill_max),
             None => Spliced::Failed(libc::EBADF),
         };
         let outcome = match filled {
@@ -719,11 +764,22 @@ impl Worker {
         let slot = self.slots[index as usize]
             .as_mut()
             .expect("completion of a live slot");
+        let dir = Dir::from_source(to.other());
+        slot.send_since[dir as usize] = None;
         if result < 0 || slot.closing.is_some() {
             slot.conn.handle_sent(to, SendOutcome::Cancelled, now);
             return;
         }
-        let len = slot.pending_out[Dir::from_source(to.other()) as usize];
+        if let Some(Chunk {
+            buf: Buf::Spill(id),
+            offset,
+            len,
+        }) = slot.conn.sending(dir)
+        {
+            self.spill_out(index, to, id, offset, len, now);
+            return;
+        }
+        let len = slot.pending_out[dir as usize];
         self.splice_out(index, to, len, now);
     }
 
@@ -803,6 +859,7 @@ impl Worker {
             } => {
                 let fd = side_fd(slot, to);
                 slot.in_flight += 1;
+                slot.send_since[Dir::from_source(to.other()) as usize] = Some(now);
                 self.ring
                     .send(fd, buf, offset, len, user_data(Op::send(to), index));
             }
@@ -812,7 +869,14 @@ impl Worker {
                 len,
                 ..
             } => self.splice_out(index, to, len, now),
+            Action::Send {
+                to,
+                buf: Buf::Spill(id),
+                offset,
+                len,
+            } => self.spill_out(index, to, id, offset, len, now),
             Action::Release(Buf::Pool(buf)) => self.ring.recycle(buf),
+            Action::Release(Buf::Spill(id)) => slot.spill.release(id),
             Action::Release(Buf::Pipe(pipe)) => {
                 if let Some(dir) = slot.pipe.iter().position(|p| *p == Some(pipe)) {
                     self.return_idle_pipe(index, dir);
@@ -906,11 +970,127 @@ impl Worker {
             }
             Spliced::WouldBlock => {
                 slot.pending_out[dir] = len;
+                slot.send_since[dir] = Some(now);
                 slot.in_flight += 1;
                 self.ring
                     .poll_once(fd, libc::POLLOUT, user_data(Op::poll_out(to), index));
             }
             Spliced::Eof | Spliced::Failed(_) => slot.conn.handle_sent(to, SendOutcome::Reset, now),
+        }
+    }
+
+    /// Writes up to `len` bytes of spilled chunk `id` from `offset` toward `to` with a
+    /// non-blocking `send(2)`; when the socket is full, waits for POLLOUT (the send stays in
+    /// flight for the `Conn`), as `splice_out` does for a pipe.
+    fn spill_out(
+        &mut self,
+        index: u32,
+        to: Side,
+        id: SpillId,
+        offset: u32,
+        len: u32,
+        now: Instant,
+    ) {
+        let slot = self.slots[index as usize]
+            .as_mut()
+            .expect("send on a live slot");
+        let dir = Dir::from_source(to.other()) as usize;
+        let bytes = slot
+            .spill
+            .bytes(id)
+            .get(offset as usize..)
+            .and_then(|b| b.get(..len as usize));
+        let written = match (side_socket(slot, to), bytes) {
+            (Some(socket), Some(bytes)) => SockRef::from(&socket)
+                .send_with_flags(bytes, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT),
+            _ => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        match written {
+            Ok(n) if n > 0 => {
+                self.count_sent(index, to, n as u32);
+                let slot = self.slots[index as usize]
+                    .as_mut()
+                    .expect("send on a live slot");
+                slot.conn.handle_sent(to, SendOutcome::Sent(n as u32), now);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                slot.send_since[dir] = Some(now);
+                slot.in_flight += 1;
+                let fd = side_fd(slot, to);
+                self.ring
+                    .poll_once(fd, libc::POLLOUT, user_data(Op::poll_out(to), index));
+            }
+            // Sent again at once.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                slot.conn.handle_sent(to, SendOutcome::Sent(0), now);
+            }
+            // EPIPE, ECONNRESET, or a chunk that is not where the `Conn` says (never).
+            Ok(_) | Err(_) => slot.conn.handle_sent(to, SendOutcome::Reset, now),
+        }
+    }
+
+    /// Whether the buffer pool runs low (see `POOL_LOW`).
+    fn pool_low(&self) -> bool {
+        let pool = self.ring.pool();
+        pool.free() as usize + pool.reserve() < POOL_LOW
+    }
+
+    /// While the buffer pool runs low, takes the bytes of stalled directions out of it. A send
+    /// toward a peer that does not read stays in flight until the peer takes every byte, and
+    /// its buffer and the one queued behind it stay taken meanwhile: about 2048 such directions
+    /// held the whole pool, and every other connection of the worker waited for a buffer,
+    /// forever with the idle timeout off (`tests/fault_stalled_readers.rs`). A direction whose
+    /// send has waited `SEND_STALLED` is stalled: its pool send is cancelled, and what it did
+    /// not write moves to the connection's spill when the cancel completes (`send_completed`);
+    /// pool chunks queued behind a pipe or spilled chunk that waits for POLLOUT move at once.
+    /// A healthy send never waits that long, so fast connections keep their pool buffers.
+    fn reclaim_buffers(&mut self, now: Instant) {
+        if !self.pool_low() {
+            self.reclaim_at = None;
+            return;
+        }
+        if self.reclaim_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.reclaim_at = Some(now + RECLAIM_EVERY);
+        let mut moved = Vec::new();
+        let Worker { ring, slots, .. } = self;
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let Some(slot) = slot.as_mut().filter(|s| s.closing.is_none()) else {
+                continue;
+            };
+            for dir in Dir::BOTH {
+                let d = dir as usize;
+                let stalled = slot.send_since[d]
+                    .is_some_and(|since| now.saturating_duration_since(since) >= SEND_STALLED);
+                if !stalled || slot.stopping[d] {
+                    continue;
+                }
+                if let Some(Chunk {
+                    buf: Buf::Pool(_), ..
+                }) = slot.conn.sending(dir)
+                {
+                    slot.stopping[d] = true;
+                    ring.cancel(
+                        user_data(Op::send(dir.sink()), index as u32),
+                        user_data(Op::Cancel, index as u32),
+                    );
+                } else {
+                    let (spill, mut any) = (&mut slot.spill, false);
+                    slot.conn.rehome(dir, |chunk| {
+                        let spilled = spill_chunk(ring, spill, chunk);
+                        any |= spilled.is_some();
+                        spilled
+                    });
+                    if any {
+                        moved.push(index as u32);
+                    }
+                }
+            }
+        }
+        // The buffers given up are released by the `Conn`'s actions.
+        for index in moved {
+            self.drive(index, now);
         }
     }
 
@@ -1133,6 +1313,9 @@ impl Worker {
             pending_out: [0; 2],
             // The client may have sent with its SYN's ACK already: try at once.
             source_nonempty: [true; 2],
+            send_since: [None; 2],
+            stopping: [false; 2],
+            spill: Spill::default(),
         };
         let index = self.insert(slot);
         self.drive(index, now);
@@ -1378,6 +1561,19 @@ impl std::fmt::Display for DisplayAddr {
             None => f.write_str("none"),
         }
     }
+}
+
+/// The answer to `Conn::rehome` for a stalled direction: a pool chunk's unsent bytes are copied
+/// to the connection's spill (its buffer then goes back to the pool); other chunks stay.
+fn spill_chunk(ring: &Uring, spill: &mut Spill, chunk: Chunk<Buf>) -> Option<(Buf, u32)> {
+    let Buf::Pool(buf) = chunk.buf else {
+        return None;
+    };
+    let bytes = ring.buffer(buf, chunk.offset, chunk.len);
+    if bytes.len() != chunk.len as usize {
+        return None;
+    }
+    Some((Buf::Spill(spill.store(bytes)?), 0))
 }
 
 fn side_fd(slot: &Slot, side: Side) -> RawFd {

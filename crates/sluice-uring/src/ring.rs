@@ -351,6 +351,14 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
+    /// Bytes `offset..offset + len` of pool buffer `buf` (cut to the buffer). Meant for a buffer
+    /// the caller owns: a completion handed it over, and it was not recycled since (the kernel
+    /// writes only buffers in its ring). Used to copy a chunk out before giving its buffer back.
+    pub fn buffer(&self, buf: u16, offset: u32, len: u32) -> &[u8] {
+        let bytes = self.pool.bytes(buf, offset.saturating_add(len));
+        bytes.get(offset as usize..).unwrap_or(&[])
+    }
+
     /// Connects `fd` to `addr`. The address is kept in `slot` until the connect completes;
     /// the caller must not start another connect on the same slot before that.
     pub fn connect(&mut self, fd: RawFd, slot: usize, addr: SockAddr, user_data: u64) {
@@ -523,8 +531,7 @@ fn unavailable(e: io::Error) -> SetupError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use std::io::{Read, Write};
+    use std::io::{self, Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
 
@@ -559,6 +566,92 @@ mod tests {
             crate::unacked_bytes(std::os::fd::AsFd::as_fd(&server)).unwrap(),
             0
         );
+    }
+
+    /// The data plane stops a send that a peer does not take by cancelling it, and relies on
+    /// what the kernel then reports (io_uring/net.c, `io_sendrecv_fail`): a MSG_WAITALL send that
+    /// had written part of its bytes completes with that count, one that had written none with
+    /// -ECANCELED; exactly that many bytes reach the peer.
+    #[test]
+    fn a_cancelled_waitall_send_reports_the_bytes_it_wrote() {
+        const SEND: u32 = 60_000;
+        let mut ring =
+            Uring::new(64, 8, 65536, 8, 1).expect("io_uring available on the test machine");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        // One byte gives the test a pool buffer; the rest of it is zeroes.
+        client.write_all(b"x").unwrap();
+        ring.recv(server.as_raw_fd(), false, 1);
+        let mut out = Vec::new();
+        let recv = wait_one(&mut ring, &mut out);
+        assert_eq!(recv.result, 1);
+        let buf = recv.buffer().expect("buffer chosen");
+        assert_eq!(ring.buffer(buf, 0, 4), b"x\0\0\0");
+        // Fill the path with 0xaa bytes, so that the send of zeroes waits for room; small
+        // buffers, so that the room a read makes is taken by part of the send.
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 * 1024)
+            .unwrap();
+        server.set_nonblocking(true).unwrap();
+        let fill = [0xaa_u8; 4096];
+        let mut filled = 0;
+        loop {
+            match server.write(&fill) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+        ring.send(server.as_raw_fd(), buf, 1, SEND, 2);
+        ring.submit_and_wait(Some(Duration::from_millis(1)))
+            .unwrap();
+        // Make room until part of the send arrives (bounded), then cancel the rest.
+        let mut received = Vec::new();
+        let mut piece = [0u8; 4096];
+        client
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !received.contains(&0) && std::time::Instant::now() < deadline {
+            if let Ok(n) = client.read(&mut piece) {
+                received.extend_from_slice(&piece[..n]);
+            }
+            // Under DEFER_TASKRUN the send moves on only while this thread waits on the ring.
+            ring.submit_and_wait(Some(Duration::from_millis(1)))
+                .unwrap();
+            ring.reap(&mut out);
+            assert!(out.iter().all(|c| c.user_data != 2), "the send completed");
+        }
+        let partial = received.contains(&0);
+        ring.cancel(2, 3);
+        let mut sent = None;
+        while sent.is_none() {
+            ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+            ring.reap(&mut out);
+            sent = out.iter().find(|c| c.user_data == 2).map(|c| c.result);
+        }
+        let sent = sent.unwrap();
+        assert!(
+            sent == -libc::ECANCELED || (0..=SEND as i32).contains(&sent),
+            "result {sent}"
+        );
+        // Bytes of it had arrived: the cancelled send reports them, not -ECANCELED.
+        assert!(
+            !partial || sent > 0,
+            "result {sent} after part of the send arrived"
+        );
+        ring.recycle(buf);
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        client.set_read_timeout(None).unwrap();
+        client.read_to_end(&mut received).unwrap();
+        let zeroes = received.iter().filter(|&&b| b == 0).count();
+        assert_eq!(received.len() - zeroes, filled);
+        assert_eq!(zeroes, sent.max(0) as usize, "result {sent}");
+        eprintln!("filled {filled}, cancelled send of {SEND} reported {sent}");
     }
 
     /// Sets IP_PKTINFO (and IPV6_RECVPKTINFO) so that `recvmsg` reports each datagram's

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
@@ -95,6 +95,9 @@ pub struct Uring {
     sendmsgs: Vec<Option<Box<SendMsg>>>,
     /// Boxed so that growing the vector never moves an address the kernel may be reading.
     connect_addrs: Vec<Option<Box<SockAddr>>>,
+    /// Fds handed to [`Uring::close_after_submit`] while entries were queued: closed once the
+    /// submission queue is empty.
+    closing: Vec<OwnedFd>,
     features: Features,
 }
 
@@ -160,6 +163,7 @@ impl Uring {
             connect_addrs: std::iter::repeat_with(|| None)
                 .take(connect_slots)
                 .collect(),
+            closing: Vec::new(),
             features,
         })
     }
@@ -369,6 +373,21 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
+    /// Closes `fd` once no entry still in the submission queue can name it: at once when the
+    /// queue is empty, else after the submit that empties it. The kernel looks an entry's fd
+    /// up only when the entry is submitted, so a number closed while an entry naming it is
+    /// queued may already belong to a new socket by then, and the operation would run on that
+    /// one (a UDP datagram left on another client's session socket that way). Operations
+    /// already submitted hold the file itself and are not affected by the close.
+    pub fn close_after_submit(&mut self, fd: impl Into<OwnedFd>) {
+        let fd = fd.into();
+        if self.ring.submission().is_empty() {
+            drop(fd);
+        } else {
+            self.closing.push(fd);
+        }
+    }
+
     /// Submits what is queued and waits for at least one completion or `timeout`.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let result = match timeout {
@@ -379,6 +398,7 @@ impl Uring {
             }
             None => self.ring.submit_and_wait(1),
         };
+        self.close_submitted();
         match result {
             Ok(_) => Ok(()),
             Err(e)
@@ -396,6 +416,11 @@ impl Uring {
     /// Moves every available completion into `out` (which is cleared first).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         out.clear();
+        self.take_completions(out);
+    }
+
+    /// Copies the completion queue's entries into `out`, counting the buffers they took.
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             let completion = Completion {
                 user_data: cqe.user_data(),
@@ -412,6 +437,14 @@ impl Uring {
         }
     }
 
+    /// Closes the fds waiting for the submission queue to empty, if it is empty now (a submit
+    /// may take only part of the queue).
+    fn close_submitted(&mut self) {
+        if !self.closing.is_empty() && self.ring.submission().is_empty() {
+            self.closing.clear();
+        }
+    }
+
     fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: every entry built by this type references only memory owned by `self`
@@ -424,8 +457,9 @@ impl Uring {
             // The submission queue is full: hand it to the kernel and retry.
             // EBUSY/EINTR: the completion queue is full or a signal came; either way the loop
             // retries and a healthy ring drains.
-            if self.ring.submit().is_err() {
-                std::thread::yield_now();
+            match self.ring.submit() {
+                Ok(_) => self.close_submitted(),
+                Err(_) => std::thread::yield_now(),
             }
         }
     }
@@ -661,5 +695,45 @@ mod tests {
                 "datagrams are neither split nor merged"
             );
         }
+    }
+
+    /// The inode of the file `fd` refers to now, or `None` when it is closed.
+    fn inode(fd: RawFd) -> Option<u64> {
+        // SAFETY: `stat` is plain old data, valid when zeroed.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes one `stat` through a pointer to a live value of that type; a
+        // closed fd makes it fail with EBADF and write nothing.
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        (rc == 0).then_some(st.st_ino)
+    }
+
+    #[test]
+    fn a_socket_named_by_a_queued_entry_stays_open_until_it_is_submitted() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = socket.as_raw_fd();
+        let ino = inode(fd).expect("an open socket");
+        // Nothing queued: closed at once.
+        let idle = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (idle_fd, idle_ino) = (idle.as_raw_fd(), inode(idle.as_raw_fd()));
+        ring.close_after_submit(idle);
+        assert_ne!(inode(idle_fd), idle_ino, "closed at once: nothing names it");
+        // A poll naming it is queued: the number stays ours until the poll is submitted.
+        ring.poll_once(fd, libc::POLLOUT, 7);
+        ring.close_after_submit(socket);
+        assert_eq!(
+            inode(fd),
+            Some(ino),
+            "still open while a queued entry names it"
+        );
+        let mut out = Vec::new();
+        let c = wait_one(&mut ring, &mut out);
+        assert_eq!(c.user_data, 7);
+        assert!(
+            c.result > 0 && c.result & i32::from(libc::POLLOUT) != 0,
+            "the poll ran on the socket it named: {c:?}"
+        );
+        // Another test may have taken the number since; it is no longer this socket.
+        assert_ne!(inode(fd), Some(ino), "closed once submitted");
     }
 }

@@ -11,6 +11,11 @@
 //! Every operation here carries `DATAGRAM_OP` in its user data and names an entry of the worker's
 //! [`UdpOps`] table, which says what the operation was and holds what must outlive it (a closed
 //! session's socket stays open until its receive's last completion).
+//!
+//! No socket here is dropped directly: each goes to [`sluice_uring::Uring::close_after_submit`],
+//! because a datagram queued for a session that then ended (an ICMP error in the same batch)
+//! still names its fd, and a new session could take the number before the send is submitted
+//! (`crates/sluice/tests/udp_hardening.rs`, `replies_reach_only_the_client_that_sent_the_request`).
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -260,8 +265,8 @@ impl Worker {
             }
             return;
         };
-        if ends {
-            drop(self.udp_ops.take(index));
+        if ends && let Some(op) = self.udp_ops.take(index) {
+            self.release_op(op);
         }
         match op {
             OpKind::ListenerRecv { listener } => {
@@ -438,7 +443,7 @@ impl Worker {
             Insert::Inserted { id } => (id, None),
             Insert::Evicted { id, evicted } => (id, Some(evicted)),
             Insert::Full { payload } => {
-                drop(payload);
+                self.release_peer(payload);
                 self.udp_counters(listener).dropped[UdpDrop::SessionsFull.index()].add(1);
                 return None;
             }
@@ -701,8 +706,23 @@ impl Worker {
                 self.ring
                     .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
             }
-            // No receive in flight: nothing can refer to the fd any more.
-            _ => drop(socket),
+            // No receive in flight; a send naming the fd may still be queued.
+            _ => self.ring.close_after_submit(socket),
+        }
+    }
+
+    /// What a finished operation held: a closed session's or `per_packet` socket.
+    fn release_op(&mut self, op: UdpOp) {
+        if let UdpOp::SessionRecv {
+            closed: Some(socket),
+            ..
+        }
+        | UdpOp::SharedRecv {
+            closed: Some(socket),
+            ..
+        } = op
+        {
+            self.ring.close_after_submit(socket);
         }
     }
 
@@ -783,7 +803,7 @@ impl Worker {
                         self.ring
                             .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
                     }
-                    _ => drop(socket),
+                    _ => self.ring.close_after_submit(socket),
                 }
             }
         }

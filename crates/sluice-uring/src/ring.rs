@@ -98,6 +98,11 @@ pub struct Uring {
     /// Fds handed to [`Uring::close_after_submit`] while entries were queued: closed once the
     /// submission queue is empty.
     closing: Vec<OwnedFd>,
+    /// Completions taken out of the completion queue by `push` to make room; [`Uring::reap`]
+    /// hands them out first.
+    early: Vec<Completion>,
+    /// Why submitting failed for good; [`Uring::submit_and_wait`] reports it.
+    failed: Option<io::Error>,
     features: Features,
 }
 
@@ -164,6 +169,8 @@ impl Uring {
                 .take(connect_slots)
                 .collect(),
             closing: Vec::new(),
+            early: Vec::new(),
+            failed: None,
             features,
         })
     }
@@ -388,8 +395,13 @@ impl Uring {
         }
     }
 
-    /// Submits what is queued and waits for at least one completion or `timeout`.
+    /// Submits what is queued and waits for at least one completion or `timeout`. An error
+    /// that made an earlier queueing give up (see `push`) comes back here, once: the ring can no
+    /// longer be trusted to run what was asked of it.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         let result = match timeout {
             Some(t) => {
                 let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
@@ -416,6 +428,7 @@ impl Uring {
     /// Moves every available completion into `out` (which is cleared first).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         out.clear();
+        out.append(&mut self.early);
         self.take_completions(out);
     }
 
@@ -445,8 +458,17 @@ impl Uring {
         }
     }
 
+    /// Queues `entry`, handing a full submission queue to the kernel first. Never loops
+    /// forever: EINTR is retried, EBUSY (completions waiting for room in the completion queue)
+    /// is retried after taking the completions out (for `reap`), and any other error, or a
+    /// kernel that takes nothing [`PUSH_ATTEMPTS`] times, is kept for `submit_and_wait` to
+    /// return, and this entry and every later one are dropped: the worker stops at the end of
+    /// its batch.
     fn push(&mut self, entry: squeue::Entry) {
-        loop {
+        if self.failed.is_some() {
+            return;
+        }
+        for _ in 0..PUSH_ATTEMPTS {
             // SAFETY: every entry built by this type references only memory owned by `self`
             // (pool buffers, stored connect addresses, the recvmsg template, boxed sendmsg
             // messages kept until their buffer is recycled) or no memory at all, and `self`
@@ -454,16 +476,28 @@ impl Uring {
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
-            // The submission queue is full: hand it to the kernel and retry.
-            // EBUSY/EINTR: the completion queue is full or a signal came; either way the loop
-            // retries and a healthy ring drains.
             match self.ring.submit() {
                 Ok(_) => self.close_submitted(),
-                Err(_) => std::thread::yield_now(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    let mut early = std::mem::take(&mut self.early);
+                    self.take_completions(&mut early);
+                    self.early = early;
+                }
+                Err(e) => {
+                    self.failed = Some(e);
+                    return;
+                }
             }
         }
+        self.failed = Some(io::Error::other(format!(
+            "the submission queue stayed full after {PUSH_ATTEMPTS} submits"
+        )));
     }
 }
+
+/// How many times `push` hands a full submission queue to the kernel before it gives up.
+const PUSH_ATTEMPTS: u32 = 16;
 
 fn build_ring(entries: u32) -> Result<(IoUring, Features), SetupError> {
     let mut builder = IoUring::builder();
@@ -735,5 +769,42 @@ mod tests {
         );
         // Another test may have taken the number since; it is no longer this socket.
         assert_ne!(inode(fd), Some(ino), "closed once submitted");
+    }
+
+    /// The ring with `unsafe impl Send`, to call it from a thread that did not create it.
+    struct Moved(Uring);
+    // SAFETY: the ring is used by one thread at a time (handed over whole, never shared); the
+    // pool's raw pointers point to memory that the ring owns and that does not depend on the
+    // thread.
+    unsafe impl Send for Moved {}
+
+    #[test]
+    fn a_persistent_submit_error_surfaces_instead_of_spinning() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        if !ring.features().single_issuer {
+            eprintln!("skipped: the kernel has no IORING_SETUP_SINGLE_ISSUER");
+            return;
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Fill the submission queue without submitting (polls that never complete).
+        for i in 0..64 {
+            ring.poll_once(socket.as_raw_fd(), libc::POLLIN, 100 + i);
+        }
+        // From another thread, every submit fails with EEXIST (SINGLE_ISSUER): a persistent
+        // error, which must reach the caller rather than be retried forever.
+        let moved = Moved(ring);
+        let fd = socket.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut moved = moved;
+            moved.0.poll_once(fd, libc::POLLIN, 1);
+            let result = moved.0.submit_and_wait(Some(Duration::from_millis(10)));
+            let _ = tx.send(result.map_err(|e| e.raw_os_error()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("push returned within 5 s on a persistent submit error (it spun)");
+        assert_eq!(result, Err(Some(libc::EEXIST)));
+        drop(socket);
     }
 }

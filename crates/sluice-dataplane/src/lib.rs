@@ -32,7 +32,8 @@ pub use counters::{
 };
 pub use sluice_conn::{CloseKind, Limits};
 pub use sockets::{
-    Keepalive, SocketSettings, connections_for_budget, pipes_for_budget, raise_fd_limit,
+    FdDemand, FdShares, Keepalive, SocketSettings, connections_for_budget, fd_shares,
+    pipes_for_budget, raise_fd_limit,
 };
 pub use worker::RESET_LINGER;
 

@@ -6,16 +6,23 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
-use sluice_testkit::{Sluice, UdpEcho, figure, free_addr, scrape_metrics, split_echo_reply};
+use sluice_testkit::{
+    EchoServer, Sluice, UdpEcho, assert_echo, fd_limit_wrapper, fd_limits, figure, free_addr,
+    scrape_metrics, series, split_echo_reply,
+};
 
-with_workers_1_and_2!(replies_reach_only_the_client_that_sent_the_request);
+with_workers_1_and_2!(
+    replies_reach_only_the_client_that_sent_the_request,
+    a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds,
+);
 
 /// Clients of the misdelivery test, each with its own id.
 const CLIENTS: u32 = 64;
@@ -25,6 +32,15 @@ const CHURN_WINDOW: Duration = Duration::from_secs(6);
 const BURST_WAIT: Duration = Duration::from_millis(5);
 /// Datagrams a misdelivery client sends per burst.
 const BURST: u32 = 8;
+
+/// The fd limit of the fd-budget test, soft and hard.
+const FD_LIMIT: u64 = 512;
+/// Flows (distinct client addresses) of the fd-budget test: more than the limit.
+const FLOWS: u32 = 600;
+/// TCP connections the fd-budget test holds open at once (its share is about 90).
+const TCP_HELD: usize = 64;
+/// Bound on every wait of the fd-budget test.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// One dead backend (ICMP port unreachable ends a session at once) and one echo, round-robin,
 /// `responses: 1` (an echo session ends at its first reply) and passive ejection off (the dead
@@ -83,6 +99,126 @@ fn replies_reach_only_the_client_that_sent_the_request(workers: usize) {
         misdelivered, 0,
         "{misdelivered} of {replies} replies reached a client that did not send the request"
     );
+}
+
+/// Under RLIMIT_NOFILE 512, a tcp and a udp listener (default `max_sessions`, 100000), and 600
+/// flows of one datagram each: the udp sessions stay within their share of the fd budget (the
+/// rest are dropped and counted as `sessions_full`), so the tcp listener still forwards (bytes
+/// checked, 64 connections open at once) and /metrics still answers. On 1a79917 the sessions took every fd: the TCP
+/// listener and the admin endpoint stopped.
+fn a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds(workers: usize) {
+    let wrapper = match fd_limit_wrapper(FD_LIMIT) {
+        Ok(wrapper) => wrapper,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let tcp_backend = EchoServer::echo();
+    let udp_backend = UdpEcho::start("echo");
+    let tcp = Listener::new("tcp", &[tcp_backend.addr()]);
+    let udp = Listener::new("udp", &[udp_backend.addr()]).protocol("udp");
+    let (tcp_front, udp_front) = (tcp.bind, udp.bind);
+    let admin = free_addr();
+    let yaml = config(workers, Some(admin), &[], &[tcp, udp]);
+    let sluice = Sluice::try_start_with(binary(), &yaml, WAIT, &wrapper)
+        .unwrap_or_else(|e| panic!("{e}\n--- config ---\n{yaml}"));
+    assert_eq!(fd_limits(sluice.pid()), Some((FD_LIMIT, FD_LIMIT)));
+    assert!(
+        sluice.stderr_text().contains("max_sessions"),
+        "start-up warns that max_sessions is capped by the fd budget\n--- sluice stderr \
+         ---\n{}",
+        sluice.stderr_text()
+    );
+
+    for n in 0..FLOWS {
+        // A client address of its own per flow (so no two flows share a key), dropped at once:
+        // the session stays in Sluice until its idle timeout (60 s).
+        let ip = Ipv4Addr::new(127, 249, (n / 250) as u8, (n % 250) as u8 + 1);
+        let socket = UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+        socket
+            .send_to(&n.to_be_bytes(), udp_front)
+            .expect("send a flow's datagram");
+    }
+    let udp_key = |name: &str, label: Option<(&str, &str)>| match label {
+        Some(label) => series(name, &[("listener", "udp"), label]),
+        None => series(name, &[("listener", "udp")]),
+    };
+    let created = udp_key("sluice_udp_sessions_created_total", None);
+    let full = udp_key(
+        "sluice_udp_dropped_total",
+        Some(("reason", "sessions_full")),
+    );
+    let socket = udp_key("sluice_udp_dropped_total", Some(("reason", "socket")));
+    let deadline = Instant::now() + WAIT;
+    let metrics = loop {
+        let metrics = scrape_metrics(admin);
+        let seen = metrics.as_ref().map_or(0.0, |m| {
+            [&created, &full, &socket]
+                .iter()
+                .map(|k| m.get(*k).copied().unwrap_or(0.0))
+                .sum::<f64>()
+        });
+        if seen >= f64::from(FLOWS) || Instant::now() >= deadline {
+            break metrics;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let metrics = metrics.unwrap_or_else(|e| {
+        panic!(
+            "/metrics does not answer after {FLOWS} flows: {e}\n--- sluice stderr ---\n{}",
+            sluice.stderr_text()
+        )
+    });
+    let get = |k: &str| metrics.get(k).copied().unwrap_or(0.0);
+    let (sessions, dropped, no_socket) = (get(&created), get(&full), get(&socket));
+    let fds = sluice.fd_count();
+    // The TCP listener still has its share: bytes checked both ways, and room for
+    // [`TCP_HELD`] connections open at once.
+    assert_echo(tcp_front, 256 * 1024, 11, WAIT);
+    let held: Vec<TcpStream> = (0..TCP_HELD)
+        .map(|i| {
+            let mut stream = TcpStream::connect_timeout(&tcp_front, WAIT)
+                .unwrap_or_else(|e| panic!("tcp connection {i} while udp holds its share: {e}"));
+            stream.set_read_timeout(Some(WAIT)).expect("a read timeout");
+            let byte = [i as u8];
+            stream.write_all(&byte).expect("write one byte");
+            let mut back = [0u8; 1];
+            stream.read_exact(&mut back).unwrap_or_else(|e| {
+                panic!(
+                    "tcp connection {i} of {TCP_HELD} not echoed while udp holds its share: \
+                     {e}\n--- sluice stderr ---\n{}",
+                    sluice.stderr_text()
+                )
+            });
+            assert_eq!(back, byte);
+            stream
+        })
+        .collect();
+    figure(
+        &format!("udp flood under RLIMIT_NOFILE {FD_LIMIT}, {FLOWS} flows, {workers} worker(s)"),
+        "tcp forwards, /metrics answers, sessions within their share, the rest counted",
+        &format!("{sessions} sessions, {dropped} dropped as sessions_full, {fds} fds open"),
+    );
+    assert_eq!(
+        no_socket,
+        0.0,
+        "no session met EMFILE: {sessions} sessions, {dropped} sessions_full\n--- sluice \
+         stderr ---\n{}",
+        sluice.stderr_text()
+    );
+    assert_eq!(
+        sessions + dropped,
+        f64::from(FLOWS),
+        "every flow either got a session or was counted as dropped"
+    );
+    assert!(
+        dropped > 0.0 && sessions > 0.0,
+        "{sessions} sessions, {dropped} dropped: the share is below {FLOWS}"
+    );
+    assert!(fds < FD_LIMIT as usize, "{fds} fds open");
+    scrape_metrics(admin).expect("/metrics still answers with the tcp connections open");
+    drop(held);
 }
 
 /// One client of the misdelivery test: bursts of requests `[id, seq]`, then whatever replies

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
 use sluice_testkit::{
-    EchoServer, Sluice, UdpEcho, assert_echo, fd_limit_wrapper, fd_limits, figure, free_addr,
-    scrape_metrics, series, split_echo_reply,
+    EchoServer, Netns, Sluice, UdpEcho, assert_echo, fd_limit_wrapper, fd_limits, figure,
+    free_addr, scrape_metrics, series, split_echo_reply,
 };
 
 with_workers_1_and_2!(
     replies_reach_only_the_client_that_sent_the_request,
     a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds,
+    sessions_wait_for_datagram_buffers_without_spinning,
 );
 
 /// Clients of the misdelivery test, each with its own id.
@@ -41,6 +42,16 @@ const FLOWS: u32 = 600;
 const TCP_HELD: usize = 64;
 /// Bound on every wait of the fd-budget test.
 const WAIT: Duration = Duration::from_secs(10);
+
+/// Flows of the datagram-pool test.
+const POOL_FLOWS: u32 = 32;
+/// Datagrams each flow of the datagram-pool test sends: together far more than the pool's 256
+/// buffers and than what the backends' send buffers take before their sends block.
+const POOL_DATAGRAMS: u32 = 48;
+/// The size of each of them (fragmented on the veth, whole on loopback).
+const POOL_DATAGRAM_SIZE: usize = 8192;
+/// How long the datagram-pool test watches Sluice's CPU while the pool is empty.
+const STARVED_WINDOW: Duration = Duration::from_secs(2);
 
 /// One dead backend (ICMP port unreachable ends a session at once) and one echo, round-robin,
 /// `responses: 1` (an echo session ends at its first reply) and passive ejection off (the dead
@@ -219,6 +230,159 @@ fn a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds(workers: usize) 
     assert!(fds < FD_LIMIT as usize, "{fds} fds open");
     scrape_metrics(admin).expect("/metrics still answers with the tcp connections open");
     drop(held);
+}
+
+/// The backend sits behind a link throttled to 1 Mbit/s (a network namespace, tc tbf), so the
+/// sessions' sends to it block once their send buffers are full, and each holds its datagram
+/// buffer: a flood of 32 flows x 48 datagrams of 8 KiB empties the worker's datagram pool,
+/// while the backend's replies keep arriving on the sessions' sockets. A session receive that
+/// ends for want of buffers must wait for buffers, as the listener receive does; on 1a79917 it
+/// was re-armed at once, failed again at once, and the worker spun at full CPU for as long as
+/// the pool stayed empty. Once the link is fast again, every session is served again.
+fn sessions_wait_for_datagram_buffers_without_spinning(workers: usize) {
+    if let Some(why) = Netns::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let netns = Netns::create("nobufs").expect("create a netns and a veth pair");
+    let inside = SocketAddr::from((netns.addr(), 0));
+    let backend = netns
+        .run_in(|| UdpEcho::start_on(inside, "echo"))
+        .expect("enter the netns")
+        .expect("bind the echo in the netns");
+    let admin = free_addr();
+    let listener = Listener::new("pool", &[backend.addr()]).protocol("udp");
+    let proxy = listener.bind;
+    let sluice = Sluice::start(binary(), &config(workers, Some(admin), &[], &[listener]));
+    let clients: Vec<UdpSocket> = (0..POOL_FLOWS)
+        .map(|n| {
+            let ip = Ipv4Addr::new(127, 248, 0, n as u8 + 1);
+            let socket = UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+            socket.set_read_timeout(Some(WAIT)).expect("a read timeout");
+            socket
+        })
+        .collect();
+    for (n, client) in clients.iter().enumerate() {
+        echo_within(client, proxy, &pool_payload(n as u32, 0), WAIT)
+            .unwrap_or_else(|e| panic!("flow {n} before the throttle: {e}"));
+    }
+
+    if let Err(e) = netns.throttle("1mbit") {
+        eprintln!("skipped: cannot shape the veth (tc from iproute2 needed): {e}");
+        return;
+    }
+    for seq in 1..=POOL_DATAGRAMS {
+        for (n, client) in clients.iter().enumerate() {
+            // The kernel may drop some of the flood (the listener's receive queue is full):
+            // that is the point.
+            let _ = client.send_to(&pool_payload(n as u32, seq), proxy);
+        }
+    }
+    let to_backend = series(
+        "sluice_udp_datagrams_total",
+        &[("listener", "pool"), ("direction", "to_backend")],
+    );
+    let forwarded = |admin| {
+        scrape_metrics(admin)
+            .ok()
+            .and_then(|m| m.get(&to_backend).copied())
+            .unwrap_or(0.0)
+    };
+    // Settled: Sluice took what it could of the flood (the count stays put for 500 ms).
+    let deadline = Instant::now() + WAIT;
+    let mut last = (forwarded(admin), Instant::now());
+    while Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(500) {
+        thread::sleep(Duration::from_millis(50));
+        let now = forwarded(admin);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let cpu_before = sluice.cpu_time();
+    let window = Instant::now();
+    thread::sleep(STARVED_WINDOW);
+    let cpu = sluice.cpu_time().saturating_sub(cpu_before);
+    let elapsed = window.elapsed();
+    let share = cpu.as_secs_f64() / elapsed.as_secs_f64();
+    let forwarded_in_window = forwarded(admin) - last.0;
+    figure(
+        &format!("udp datagram pool empty (backend link 1 Mbit/s), {workers} worker(s)"),
+        "< 25% of a core while the pool is empty; every flow served once the link is fast",
+        &format!(
+            "{:.0}% of a core over {elapsed:.1?}; {forwarded_in_window} forwarded meanwhile",
+            share * 100.0
+        ),
+    );
+    assert!(
+        share < 0.25,
+        "sluice used {cpu:?} of CPU in {elapsed:?} while its datagram pool was empty: it \
+         spins\n--- sluice stderr ---\n{}",
+        sluice.stderr_text()
+    );
+
+    netns.unthrottle().expect("remove the shaping");
+    // The echoes of the flood come back first and may fill a client's receive buffer, where a
+    // later echo would be dropped: each flow reads them off, then sends fresh datagrams (a few
+    // tries, as any UDP client would) until one is echoed.
+    let deadline = Instant::now() + WAIT;
+    for (n, client) in clients.iter().enumerate() {
+        let mut tries = 0;
+        loop {
+            drain(client, deadline);
+            tries += 1;
+            let payload = pool_payload(n as u32, u32::MAX - tries);
+            match echo_within(client, proxy, &payload, Duration::from_secs(1)) {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline => panic!(
+                    "flow {n} once the link is fast again, {tries} tries: {e}\n--- sluice \
+                     stderr ---\n{}",
+                    sluice.stderr_text()
+                ),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Reads what waits on `socket` until it has been quiet for 100 ms (or `deadline`).
+fn drain(socket: &UdpSocket, deadline: Instant) {
+    let mut buf = vec![0u8; 65536];
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("a read timeout");
+    while Instant::now() < deadline && socket.recv(&mut buf).is_ok() {}
+}
+
+/// A datagram of the pool test: flow `n`'s `seq`th, [`POOL_DATAGRAM_SIZE`] bytes.
+fn pool_payload(n: u32, seq: u32) -> Vec<u8> {
+    let mut payload = vec![(n % 251) as u8; POOL_DATAGRAM_SIZE];
+    payload[..4].copy_from_slice(&n.to_be_bytes());
+    payload[4..8].copy_from_slice(&seq.to_be_bytes());
+    payload
+}
+
+/// Sends `payload` to `to` and waits at most `timeout` for its echo, passing over echoes of
+/// earlier datagrams.
+fn echo_within(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<(), String> {
+    socket
+        .send_to(payload, to)
+        .map_err(|e| format!("send: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        let Ok(len) = socket.recv(&mut buf) else {
+            continue;
+        };
+        if split_echo_reply(&buf[..len]).is_some_and(|(_, echoed)| echoed == payload) {
+            return Ok(());
+        }
+    }
+    Err(format!("no echo within {timeout:?}"))
 }
 
 /// One client of the misdelivery test: bursts of requests `[id, seq]`, then whatever replies

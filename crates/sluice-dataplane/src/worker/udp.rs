@@ -50,6 +50,17 @@ pub(super) struct UdpListener {
     pub table: FlowTable<Peer>,
     /// `per_packet`: one socket per backend, shared by every datagram to it.
     pub shared: Vec<Option<SharedSocket>>,
+    /// Receives that ended for want of datagram buffers, re-armed once some are back
+    /// (`feed_udp`), oldest first. Re-armed at once, they fail at once for as long as the pool
+    /// is empty: the worker would spin.
+    starved: Vec<Starved>,
+}
+
+/// A receive of a udp listener's that waits for datagram buffers.
+#[derive(Debug, Clone, Copy)]
+enum Starved {
+    Session(FlowId),
+    Shared(BackendId),
 }
 
 /// A session's side toward its backend.
@@ -218,6 +229,7 @@ impl UdpListener {
             plan,
             table: FlowTable::new(capacity, policy),
             shared: Vec::new(),
+            starved: Vec::new(),
         }
     }
 
@@ -320,8 +332,12 @@ impl Worker {
                     {
                         shared.recv_op = None;
                     }
-                    if c.result != -libc::ECANCELED {
-                        self.arm_shared(listener, backend);
+                    match c.result {
+                        r if r == -libc::ECANCELED => {}
+                        r if r == -libc::ENOBUFS => {
+                            self.starve(listener, Starved::Shared(backend));
+                        }
+                        _ => self.arm_shared(listener, backend),
                     }
                 }
             }
@@ -597,10 +613,15 @@ impl Worker {
     }
 
     /// A session's receive ended with an error: ICMP unreachable (the backend's port is closed,
-    /// a passive health signal) ends the session; a full pool re-arms later.
+    /// a passive health signal) ends the session; an empty pool re-arms once buffers are back.
     fn session_recv_ended(&mut self, listener: usize, flow: FlowId, result: i32) {
         if result == -libc::ENOBUFS {
-            self.rearm_session(listener, flow);
+            if let Some(Some(l)) = self.udp.get_mut(listener)
+                && let Some(session) = l.table.get_id_mut(flow, Instant::now())
+            {
+                session.payload.recv_op = None;
+            }
+            self.starve(listener, Starved::Session(flow));
             return;
         }
         if let Some(Some(l)) = self.udp.get(listener)
@@ -755,13 +776,57 @@ impl Worker {
             .min()
     }
 
-    /// Re-arms listener receives that stopped for want of datagram buffers, once some are back,
-    /// or after an error's pause.
+    /// Notes a receive that ended for want of datagram buffers (see `UdpListener::starved`).
+    fn starve(&mut self, listener: usize, receive: Starved) {
+        let Some(Some(l)) = self.udp.get_mut(listener) else {
+            return;
+        };
+        // Each live receive is listed at most once; entries of sessions that ended meanwhile
+        // are dropped here before they could outnumber the live ones.
+        if l.starved.len() >= l.table.capacity() + l.shared.len() {
+            let (table, shared) = (&l.table, &l.shared);
+            l.starved.retain(|r| match r {
+                Starved::Session(flow) => table.get_id(*flow).is_some(),
+                Starved::Shared(backend) => {
+                    shared.get(backend.index()).is_some_and(Option::is_some)
+                }
+            });
+        }
+        l.starved.push(receive);
+    }
+
+    /// Re-arms as many session and `per_packet` receives that wait for datagram buffers as
+    /// there are buffers in the ring (each takes at least one to get anywhere), oldest first.
+    /// A receive whose session or socket is gone meanwhile is passed over.
+    fn feed_starved(&mut self) {
+        let mut budget = self.ring.datagram_pool().map_or(0, |p| p.free()) as usize;
+        for listener in 0..self.udp.len() {
+            if budget == 0 {
+                return;
+            }
+            let Some(Some(l)) = self.udp.get_mut(listener) else {
+                continue;
+            };
+            let take = budget.min(l.starved.len());
+            let fed: Vec<Starved> = l.starved.drain(..take).collect();
+            budget -= take;
+            for receive in fed {
+                match receive {
+                    Starved::Session(flow) => self.rearm_session(listener, flow),
+                    Starved::Shared(backend) => self.arm_shared(listener, backend),
+                }
+            }
+        }
+    }
+
+    /// Re-arms receives that stopped for want of datagram buffers, once some are back, and
+    /// listener receives after an error's pause.
     pub(super) fn feed_udp(&mut self, now: Instant) {
         self.ring.top_up_datagrams(DATAGRAM_RING_LOW);
         if self.phase >= crate::DRAINING {
             return;
         }
+        self.feed_starved();
         let starved = self.udp_starved && self.ring.datagram_pool().is_some_and(|p| p.free() > 0);
         let paused = self.udp_rearm_at.is_some_and(|at| at <= now);
         if !starved && !paused {

@@ -135,12 +135,6 @@ fn a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds(workers: usize) 
     let sluice = Sluice::try_start_with(binary(), &yaml, WAIT, &wrapper)
         .unwrap_or_else(|e| panic!("{e}\n--- config ---\n{yaml}"));
     assert_eq!(fd_limits(sluice.pid()), Some((FD_LIMIT, FD_LIMIT)));
-    assert!(
-        sluice.stderr_text().contains("max_sessions"),
-        "start-up warns that max_sessions is capped by the fd budget\n--- sluice stderr \
-         ---\n{}",
-        sluice.stderr_text()
-    );
 
     for n in 0..FLOWS {
         // A client address of its own per flow (so no two flows share a key), dropped at once:
@@ -230,6 +224,12 @@ fn a_flood_of_flows_leaves_tcp_and_the_admin_endpoint_their_fds(workers: usize) 
     assert!(fds < FD_LIMIT as usize, "{fds} fds open");
     scrape_metrics(admin).expect("/metrics still answers with the tcp connections open");
     drop(held);
+    assert!(
+        sluice.stderr_text().contains("max_sessions"),
+        "start-up warns that max_sessions is capped by the fd budget\n--- sluice stderr \
+         ---\n{}",
+        sluice.stderr_text()
+    );
 }
 
 /// The backend sits behind a link throttled to 1 Mbit/s (a network namespace, tc tbf), so the
@@ -307,14 +307,14 @@ fn sessions_wait_for_datagram_buffers_without_spinning(workers: usize) {
     let forwarded_in_window = forwarded(admin) - last.0;
     figure(
         &format!("udp datagram pool empty (backend link 1 Mbit/s), {workers} worker(s)"),
-        "< 25% of a core while the pool is empty; every flow served once the link is fast",
+        "< 15% of a core while the pool is empty; every flow served once the link is fast",
         &format!(
             "{:.0}% of a core over {elapsed:.1?}; {forwarded_in_window} forwarded meanwhile",
             share * 100.0
         ),
     );
     assert!(
-        share < 0.25,
+        share < 0.15,
         "sluice used {cpu:?} of CPU in {elapsed:?} while its datagram pool was empty: it \
          spins\n--- sluice stderr ---\n{}",
         sluice.stderr_text()

@@ -21,7 +21,7 @@ mod worker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,7 +33,8 @@ pub use counters::{
 };
 pub use sluice_conn::{CloseKind, Limits};
 pub use sockets::{
-    Keepalive, SocketSettings, connections_for_budget, pipes_for_budget, raise_fd_limit,
+    FdDemand, FdShares, Keepalive, SocketSettings, connections_for_budget, fd_shares,
+    pipes_for_budget, raise_fd_limit,
 };
 pub use worker::RESET_LINGER;
 
@@ -148,6 +149,23 @@ pub enum StartError {
     },
 }
 
+/// A worker that stopped on its own while the data plane ran: its `run` returned an error (a
+/// ring that refuses submissions) or it panicked. The others keep running; the control plane
+/// is expected to stop the process (exit status 70).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerFailure {
+    /// The worker's index (its thread is `sluice-worker-N`).
+    pub worker: usize,
+    /// What stopped it, in words.
+    pub error: String,
+}
+
+impl std::fmt::Display for WorkerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {} stopped: {}", self.worker, self.error)
+    }
+}
+
 /// The running workers.
 #[derive(Debug)]
 pub struct DataPlane {
@@ -173,6 +191,8 @@ pub(crate) struct Shared {
     /// Last time an EMFILE was logged, in ms since start: at most one line a second.
     emfile_logged_ms: AtomicU64,
     started: std::time::Instant,
+    /// The first worker that stopped on an error or a panic.
+    failure: OnceLock<WorkerFailure>,
 }
 
 impl DataPlane {
@@ -203,6 +223,11 @@ impl DataPlane {
     /// Each worker's counters, to be summed by the reader.
     pub fn counters(&self) -> &[Arc<WorkerCounters>] {
         &self.counters
+    }
+
+    /// The first worker that stopped on an error or a panic, if one did.
+    pub fn failure(&self) -> Option<&WorkerFailure> {
+        self.shared.failure.get()
     }
 
     /// True once every worker thread has exited.
@@ -237,6 +262,7 @@ pub fn start(config: PlaneConfig, snapshots: Arc<SnapshotCell>) -> Result<DataPl
         total_active: AtomicU32::new(0),
         emfile_logged_ms: AtomicU64::new(0),
         started: std::time::Instant::now(),
+        failure: OnceLock::new(),
     });
     let config = Arc::new(config);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, StartError>>();
@@ -263,9 +289,25 @@ pub fn start(config: PlaneConfig, snapshots: Arc<SnapshotCell>) -> Result<DataPl
             counters: counters.clone(),
         };
         let ready = ready_tx.clone();
+        let failures = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("sluice-worker-{index}"))
-            .spawn(move || worker::run(args, ready))
+            .spawn(move || {
+                // A panic is caught here only to be recorded (the hook has printed it already):
+                // the worker is gone either way, and the control plane stops the process.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker::run(args, ready)
+                }));
+                let error = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+                };
+                let _ = failures.failure.set(WorkerFailure {
+                    worker: index,
+                    error,
+                });
+            })
             .map_err(|e| StartError::Os {
                 context: "spawning a worker thread".into(),
                 source: e,
@@ -287,8 +329,71 @@ pub fn start(config: PlaneConfig, snapshots: Arc<SnapshotCell>) -> Result<DataPl
         if let Err(e) = result {
             plane.close_all();
             plane.join();
-            return Err(e);
+            return Err(match shared.failure.get() {
+                Some(failure) => StartError::Os {
+                    context: failure.to_string(),
+                    source: std::io::Error::other("before it was ready"),
+                },
+                None => e,
+            });
         }
     }
     Ok(plane)
+}
+
+/// The message a panic carried (`panic!` with a literal or a format string), else a placeholder.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "a panic without a message"
+    }
+}
+
+/// Test-only (debug builds): `SLUICE_TEST_WORKER_FAULT=N:panic` or `N:error` makes worker `N`
+/// panic, or stop with an error, after its loop has run for 1 s, so that the end-to-end tests
+/// can see what the process does when a worker dies (`crates/sluice/tests/worker_death.rs`).
+/// Release builds never read the variable.
+#[cfg(debug_assertions)]
+#[derive(Debug)]
+pub(crate) struct TestFault {
+    at: std::time::Instant,
+    panic: bool,
+}
+
+#[cfg(debug_assertions)]
+impl TestFault {
+    /// Worker `worker`'s fault, if the variable names it.
+    pub(crate) fn from_env(worker: usize) -> Option<TestFault> {
+        let fault = std::env::var("SLUICE_TEST_WORKER_FAULT").ok()?;
+        let (index, kind) = fault.split_once(':')?;
+        if index.parse::<usize>().ok()? != worker {
+            return None;
+        }
+        let panic = match kind {
+            "panic" => true,
+            "error" => false,
+            _ => return None,
+        };
+        Some(TestFault {
+            at: std::time::Instant::now() + Duration::from_secs(1),
+            panic,
+        })
+    }
+
+    /// Fires once its time has come.
+    pub(crate) fn check(&self) -> std::io::Result<()> {
+        if std::time::Instant::now() < self.at {
+            return Ok(());
+        }
+        assert!(
+            !self.panic,
+            "test fault injected by SLUICE_TEST_WORKER_FAULT"
+        );
+        Err(std::io::Error::other(
+            "test fault injected by SLUICE_TEST_WORKER_FAULT",
+        ))
+    }
 }

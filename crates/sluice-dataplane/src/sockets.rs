@@ -173,14 +173,65 @@ pub fn pipes_for_budget(fd_limit: u64, workers: usize) -> usize {
     (fd_limit / 16 / workers.max(1) as u64).min(256) as usize
 }
 
-/// How many proxied connections the fd budget allows: two sockets per connection, after a
-/// reserve for listeners (one per listener per worker), rings, eventfds, the workers' pipes,
-/// the admin endpoint, logs and the control plane.
+/// How many proxied connections the fd budget allows when only tcp listeners share it (see
+/// [`fd_shares`]).
 pub fn connections_for_budget(fd_limit: u64, workers: usize, listeners: usize) -> u32 {
-    let pipes = 2 * (pipes_for_budget(fd_limit, workers) * workers) as u64;
-    let reserve = 64 + (workers as u64) * (listeners as u64 + 4) + pipes;
+    let demand = FdDemand {
+        tcp_listeners: listeners,
+        udp_listeners: 0,
+        sessions_wanted: 0,
+    };
+    fd_shares(fd_limit, workers, &demand).connections
+}
+
+/// What draws on the fd budget besides the reserve: the listeners (one socket per tcp listener
+/// per worker, two per udp listener per worker) and the udp sessions the config asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdDemand {
+    pub tcp_listeners: usize,
+    pub udp_listeners: usize,
+    /// The sum of `max_sessions` of the udp listeners that keep sessions (not `per_packet`).
+    pub sessions_wanted: u64,
+}
+
+/// The fd budget's parts: each kind of flow has its own, so that a flood of one never takes
+/// the fds of another (DESIGN.md, pitfalls). The reserve holds the listeners, rings,
+/// eventfds, the workers' pipes, the admin endpoint, logs and the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdShares {
+    /// Proxied TCP connections (two sockets each), across workers.
+    pub connections: u32,
+    /// UDP sessions (one socket each), across udp listeners and workers.
+    pub sessions: u32,
+}
+
+/// Splits the fd budget: udp sessions get what the config asks for, at most half of what the
+/// reserve leaves when tcp listeners share the budget (all of it otherwise); tcp connections
+/// get the rest, two fds each.
+pub fn fd_shares(fd_limit: u64, workers: usize, demand: &FdDemand) -> FdShares {
+    let workers = workers as u64;
+    let pipes = if demand.tcp_listeners > 0 {
+        2 * pipes_for_budget(fd_limit, workers as usize) as u64 * workers
+    } else {
+        0
+    };
+    let listener_fds = demand.tcp_listeners as u64 + 2 * demand.udp_listeners as u64;
+    let reserve = 64 + workers * (listener_fds + 4) + pipes;
     let usable = fd_limit.saturating_sub(reserve);
-    (usable / 2).clamp(1, u64::from(u32::MAX)) as u32
+    let sessions = match (demand.udp_listeners, demand.tcp_listeners) {
+        (0, _) => 0,
+        (_, 0) => usable.min(demand.sessions_wanted),
+        _ => (usable / 2).min(demand.sessions_wanted),
+    };
+    let clamp = |n: u64| n.clamp(1, u64::from(u32::MAX)) as u32;
+    FdShares {
+        connections: clamp(usable.saturating_sub(sessions) / 2),
+        sessions: if demand.udp_listeners == 0 {
+            0
+        } else {
+            clamp(sessions)
+        },
+    }
 }
 
 /// Pins the calling thread to the `index`-th CPU it is allowed to run on (wrapping around).
@@ -212,6 +263,35 @@ mod tests {
         assert_eq!(connections_for_budget(1024, 1, 1), (1024 - 69 - 128) / 2);
         assert_eq!(pipes_for_budget(1 << 20, 4), 256);
         assert_eq!(connections_for_budget(10, 2, 3), 1);
+    }
+
+    #[test]
+    fn udp_sessions_take_at_most_half_and_leave_tcp_the_rest() {
+        // 512 fds, 2 workers, one tcp and one udp listener: 16 pipes per worker (64 fds) and a
+        // reserve of 64 + 2 * (1 + 2 + 4) = 78: 370 usable.
+        let both = |wanted| FdDemand {
+            tcp_listeners: 1,
+            udp_listeners: 1,
+            sessions_wanted: wanted,
+        };
+        let shares = fd_shares(512, 2, &both(100_000));
+        assert_eq!(shares.sessions, 370 / 2);
+        assert_eq!(shares.connections, (370 - 185) / 2);
+        // What udp does not ask for stays with tcp.
+        let shares = fd_shares(512, 2, &both(10));
+        assert_eq!((shares.sessions, shares.connections), (10, 180));
+        // Only udp listeners: no pipes, every usable fd for sessions.
+        let udp_only = FdDemand {
+            tcp_listeners: 0,
+            udp_listeners: 1,
+            sessions_wanted: 100_000,
+        };
+        assert_eq!(
+            fd_shares(512, 2, &udp_only).sessions,
+            512 - 64 - 2 * (2 + 4)
+        );
+        // Only tcp: as before (a reserve of 64 + 2 * (1 + 4) and 64 pipe fds).
+        assert_eq!(connections_for_budget(512, 2, 1), (512 - 74 - 64) / 2);
     }
 
     #[test]

@@ -273,25 +273,23 @@ struct Worker {
     reclaim_at: Option<Instant>,
 }
 
-/// The thread body: set up, report readiness, run until drained or closed.
-pub(crate) fn run(args: WorkerArgs, ready: mpsc::Sender<Result<usize, StartError>>) {
+/// The thread body: set up, report readiness, run until drained or closed. An error after
+/// readiness (the ring failed) is returned: the control plane stops the process.
+pub(crate) fn run(
+    args: WorkerArgs,
+    ready: mpsc::Sender<Result<usize, StartError>>,
+) -> io::Result<()> {
     let index = args.index;
     let mut worker = match Worker::new(args) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(e));
-            return;
+            return Ok(());
         }
     };
     let _ = ready.send(Ok(index));
     drop(ready);
-    if let Err(e) = worker.run() {
-        tracing::error!(
-            worker = index,
-            error = e.to_string(),
-            "worker stopped on an OS error"
-        );
-    }
+    worker.run()
 }
 
 impl Worker {
@@ -403,7 +401,13 @@ impl Worker {
     }
 
     fn run(&mut self) -> io::Result<()> {
+        #[cfg(debug_assertions)]
+        let fault = crate::TestFault::from_env(self.index);
         loop {
+            #[cfg(debug_assertions)]
+            if let Some(fault) = &fault {
+                fault.check()?;
+            }
             let timeout = self.sleep_for(Instant::now());
             self.ring.submit_and_wait(Some(timeout))?;
             let mut completions = std::mem::take(&mut self.completions);

@@ -14,7 +14,8 @@
 //!   killed on drop; [`check_config`] and [`run_with_timeout`] for one-shot commands.
 //! - [`scrape_metrics`]: the admin endpoint's Prometheus text as a map keyed by [`series`].
 //! - [`free_addr`] and friends: loopback ports for tests running in parallel.
-//! - [`Netns`]: a network namespace behind a veth pair whose traffic nftables can blackhole;
+//! - [`Netns`]: a network namespace behind a veth pair whose traffic nftables can blackhole
+//!   and tc can slow down;
 //!   [`fd_limit_wrapper`] starts [`Sluice`] under a low RLIMIT_NOFILE it cannot raise.
 //! - [`UdpEchoPool`]: UDP echo backends that prefix each reply with their name and count what
 //!   they receive; a backend can be killed (ICMP port unreachable) and restarted on its address.

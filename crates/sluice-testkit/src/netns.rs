@@ -1,6 +1,7 @@
 //! A network namespace joined to the root namespace by a veth pair, for faults that loopback
 //! cannot stage: a peer that vanishes without a FIN or a reset (a host that died, a network that
-//! drops everything) is a namespace whose packets nftables drops.
+//! drops everything) is a namespace whose packets nftables drops; a slow link is one whose
+//! traffic tc shapes ([`Netns::throttle`]).
 //!
 //! Needs root, `ip` (iproute2) and `nft` (nftables); [`Netns::unavailable`] says why a test
 //! cannot run here. Everything made is removed on drop, also while a test panics: the nftables
@@ -180,6 +181,32 @@ impl Netns {
             "inet",
             BLACKHOLE_TABLE,
         ])
+    }
+
+    /// Shapes what the root namespace sends into the namespace to `rate` (a tc rate such as
+    /// `1mbit`; `tc tbf` on the host's veth end, needs `tc` from iproute2), queueing up to 64 MiB
+    /// rather than dropping: a sender's socket stays charged for what waits in the queue, so
+    /// its sends block once its send buffer is full, as behind a slow link.
+    pub fn throttle(&self, rate: &str) -> io::Result<()> {
+        run(Command::new("tc").args([
+            "qdisc",
+            "add",
+            "dev",
+            &self.host_link,
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "16kb",
+            "limit",
+            "64mb",
+        ]))
+    }
+
+    /// Removes the shaping of [`Netns::throttle`]; what waited in its queue is dropped.
+    pub fn unthrottle(&self) -> io::Result<()> {
+        run(Command::new("tc").args(["qdisc", "del", "dev", &self.host_link, "root"]))
     }
 
     fn ip_inside(&self, args: &[&str]) -> io::Result<()> {

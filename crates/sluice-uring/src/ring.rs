@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
@@ -115,6 +115,14 @@ pub struct Uring {
     sendmsgs: Vec<Option<Box<SendMsg>>>,
     /// Boxed so that growing the vector never moves an address the kernel may be reading.
     connect_addrs: Vec<Option<Box<SockAddr>>>,
+    /// Fds handed to [`Uring::close_after_submit`] while entries were queued: closed once the
+    /// submission queue is empty.
+    closing: Vec<OwnedFd>,
+    /// Completions taken out of the completion queue by `push` to make room; [`Uring::reap`]
+    /// hands them out first.
+    early: Vec<Completion>,
+    /// Why submitting failed for good; [`Uring::submit_and_wait`] reports it.
+    failed: Option<io::Error>,
     features: Features,
 }
 
@@ -180,6 +188,9 @@ impl Uring {
             connect_addrs: std::iter::repeat_with(|| None)
                 .take(connect_slots)
                 .collect(),
+            closing: Vec::new(),
+            early: Vec::new(),
+            failed: None,
             features,
         })
     }
@@ -397,8 +408,28 @@ impl Uring {
         self.push(entry.user_data(user_data));
     }
 
-    /// Submits what is queued and waits for at least one completion or `timeout`.
+    /// Closes `fd` once no entry still in the submission queue can name it: at once when the
+    /// queue is empty, else after the submit that empties it. The kernel looks an entry's fd
+    /// up only when the entry is submitted, so a number closed while an entry naming it is
+    /// queued may already belong to a new socket by then, and the operation would run on that
+    /// one (a UDP datagram left on another client's session socket that way). Operations
+    /// already submitted hold the file itself and are not affected by the close.
+    pub fn close_after_submit(&mut self, fd: impl Into<OwnedFd>) {
+        let fd = fd.into();
+        if self.ring.submission().is_empty() {
+            drop(fd);
+        } else {
+            self.closing.push(fd);
+        }
+    }
+
+    /// Submits what is queued and waits for at least one completion or `timeout`. An error
+    /// that made an earlier queueing give up (see `push`) comes back here, once: the ring can no
+    /// longer be trusted to run what was asked of it.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         let result = match timeout {
             Some(t) => {
                 let ts = Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
@@ -407,6 +438,7 @@ impl Uring {
             }
             None => self.ring.submit_and_wait(1),
         };
+        self.close_submitted();
         match result {
             Ok(_) => Ok(()),
             Err(e)
@@ -424,6 +456,12 @@ impl Uring {
     /// Moves every available completion into `out` (which is cleared first).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         out.clear();
+        out.append(&mut self.early);
+        self.take_completions(out);
+    }
+
+    /// Copies the completion queue's entries into `out`, counting the buffers they took.
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             let completion = Completion {
                 user_data: cqe.user_data(),
@@ -440,8 +478,25 @@ impl Uring {
         }
     }
 
+    /// Closes the fds waiting for the submission queue to empty, if it is empty now (a submit
+    /// may take only part of the queue).
+    fn close_submitted(&mut self) {
+        if !self.closing.is_empty() && self.ring.submission().is_empty() {
+            self.closing.clear();
+        }
+    }
+
+    /// Queues `entry`, handing a full submission queue to the kernel first. Never loops
+    /// forever: EINTR is retried, EBUSY (completions waiting for room in the completion queue)
+    /// is retried after taking the completions out (for `reap`), and any other error, or a
+    /// kernel that takes nothing [`PUSH_ATTEMPTS`] times, is kept for `submit_and_wait` to
+    /// return, and this entry and every later one are dropped: the worker stops at the end of
+    /// its batch.
     fn push(&mut self, entry: squeue::Entry) {
-        loop {
+        if self.failed.is_some() {
+            return;
+        }
+        for _ in 0..PUSH_ATTEMPTS {
             // SAFETY: every entry built by this type references only memory owned by `self`
             // (pool buffers, stored connect addresses, the recvmsg template, boxed sendmsg
             // messages kept until their buffer is recycled) or no memory at all, and `self`
@@ -449,15 +504,28 @@ impl Uring {
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
-            // The submission queue is full: hand it to the kernel and retry.
-            // EBUSY/EINTR: the completion queue is full or a signal came; either way the loop
-            // retries and a healthy ring drains.
-            if self.ring.submit().is_err() {
-                std::thread::yield_now();
+            match self.ring.submit() {
+                Ok(_) => self.close_submitted(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    let mut early = std::mem::take(&mut self.early);
+                    self.take_completions(&mut early);
+                    self.early = early;
+                }
+                Err(e) => {
+                    self.failed = Some(e);
+                    return;
+                }
             }
         }
+        self.failed = Some(io::Error::other(format!(
+            "the submission queue stayed full after {PUSH_ATTEMPTS} submits"
+        )));
     }
 }
+
+/// How many times `push` hands a full submission queue to the kernel before it gives up.
+const PUSH_ATTEMPTS: u32 = 16;
 
 fn build_ring(entries: u32) -> Result<(IoUring, Features), SetupError> {
     let mut builder = IoUring::builder();
@@ -791,5 +859,82 @@ mod tests {
             coop_taskrun: false,
         };
         assert_eq!(none.to_string(), "plain");
+    }
+
+    /// The inode of the file `fd` refers to now, or `None` when it is closed.
+    fn inode(fd: RawFd) -> Option<u64> {
+        // SAFETY: `stat` is plain old data, valid when zeroed.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes one `stat` through a pointer to a live value of that type; a
+        // closed fd makes it fail with EBADF and write nothing.
+        let rc = unsafe { libc::fstat(fd, &mut st) };
+        (rc == 0).then_some(st.st_ino)
+    }
+
+    #[test]
+    fn a_socket_named_by_a_queued_entry_stays_open_until_it_is_submitted() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = socket.as_raw_fd();
+        let ino = inode(fd).expect("an open socket");
+        // Nothing queued: closed at once.
+        let idle = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (idle_fd, idle_ino) = (idle.as_raw_fd(), inode(idle.as_raw_fd()));
+        ring.close_after_submit(idle);
+        assert_ne!(inode(idle_fd), idle_ino, "closed at once: nothing names it");
+        // A poll naming it is queued: the number stays ours until the poll is submitted.
+        ring.poll_once(fd, libc::POLLOUT, 7);
+        ring.close_after_submit(socket);
+        assert_eq!(
+            inode(fd),
+            Some(ino),
+            "still open while a queued entry names it"
+        );
+        let mut out = Vec::new();
+        let c = wait_one(&mut ring, &mut out);
+        assert_eq!(c.user_data, 7);
+        assert!(
+            c.result > 0 && c.result & i32::from(libc::POLLOUT) != 0,
+            "the poll ran on the socket it named: {c:?}"
+        );
+        // Another test may have taken the number since; it is no longer this socket.
+        assert_ne!(inode(fd), Some(ino), "closed once submitted");
+    }
+
+    /// The ring with `unsafe impl Send`, to call it from a thread that did not create it.
+    struct Moved(Uring);
+    // SAFETY: the ring is used by one thread at a time (handed over whole, never shared); the
+    // pool's raw pointers point to memory that the ring owns and that does not depend on the
+    // thread.
+    unsafe impl Send for Moved {}
+
+    #[test]
+    fn a_persistent_submit_error_surfaces_instead_of_spinning() {
+        let mut ring = Uring::new(64, 8, 4096, 8, 1).unwrap();
+        if !ring.features().single_issuer {
+            eprintln!("skipped: the kernel has no IORING_SETUP_SINGLE_ISSUER");
+            return;
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Fill the submission queue without submitting (polls that never complete).
+        for i in 0..64 {
+            ring.poll_once(socket.as_raw_fd(), libc::POLLIN, 100 + i);
+        }
+        // From another thread, every submit fails with EEXIST (SINGLE_ISSUER): a persistent
+        // error, which must reach the caller rather than be retried forever.
+        let moved = Moved(ring);
+        let fd = socket.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut moved = moved;
+            moved.0.poll_once(fd, libc::POLLIN, 1);
+            let result = moved.0.submit_and_wait(Some(Duration::from_millis(10)));
+            let _ = tx.send(result.map_err(|e| e.raw_os_error()));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("push returned within 5 s on a persistent submit error (it spun)");
+        assert_eq!(result, Err(Some(libc::EEXIST)));
+        drop(socket);
     }
 }

@@ -22,6 +22,8 @@ use clap::{Parser, Subcommand};
 pub(crate) mod exit {
     pub const USAGE: u8 = 64;
     pub const UNAVAILABLE: u8 = 69;
+    /// A worker died (internal error).
+    pub const INTERNAL: u8 = 70;
     pub const OS_ERROR: u8 = 71;
 }
 

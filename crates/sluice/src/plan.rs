@@ -159,11 +159,14 @@ pub(crate) fn worker_count(workers: Workers) -> usize {
 /// The data plane's configuration, given the fd limit in force.
 pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
     let workers = worker_count(config.workers);
-    let cap = sluice_dataplane::connections_for_budget(fd_limit, workers, config.listeners.len());
+    let shares = fd_shares(config, fd_limit, workers);
+    let cap = shares.connections;
+    let max_sessions = sessions_within(config, shares.sessions, fd_limit);
     let listeners = config
         .listeners
         .iter()
-        .map(|l| ListenerPlan {
+        .zip(&max_sessions)
+        .map(|(l, &max_sessions)| ListenerPlan {
             name: l.name.clone(),
             bind: l.bind,
             limits: Limits {
@@ -186,7 +189,7 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
             sockets: socket_settings(l),
             backends_max: backends_max(l.backends.len()),
             udp: (l.protocol == sluice_config::Protocol::Udp).then_some(UdpPlan {
-                max_sessions: l.udp.max_sessions,
+                max_sessions,
                 evict_lru: l.udp.on_max_sessions == sluice_config::OnMaxSessions::EvictLru,
                 responses: l.udp.responses,
                 requests: l.udp.requests,
@@ -195,14 +198,11 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
             }),
         })
         .collect();
-    for l in &config.listeners {
-        if l.protocol == sluice_config::Protocol::Udp
-            && !l.udp.per_packet
-            && (l.udp.max_sessions as usize) < workers
-        {
+    for (l, &max_sessions) in config.listeners.iter().zip(&max_sessions) {
+        if keeps_sessions(l) && (max_sessions as usize) < workers {
             tracing::warn!(
                 listener = %l.name,
-                max_sessions = l.udp.max_sessions,
+                max_sessions,
                 workers,
                 "max_sessions is split across workers and is below their number: some workers \
                  get no session and drop their clients' datagrams; raise max_sessions"
@@ -231,4 +231,62 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
         pipes_per_worker: sluice_dataplane::pipes_for_budget(fd_limit, workers),
         events: None,
     }
+}
+
+/// Whether a listener keeps udp sessions (one socket each): udp, not `per_packet`.
+fn keeps_sessions(listener: &sluice_config::Listener) -> bool {
+    listener.protocol == sluice_config::Protocol::Udp && !listener.udp.per_packet
+}
+
+/// The fd budget's shares for this config (see `sluice_dataplane::fd_shares`).
+fn fd_shares(config: &Config, fd_limit: u64, workers: usize) -> sluice_dataplane::FdShares {
+    let udp = |l: &&sluice_config::Listener| l.protocol == sluice_config::Protocol::Udp;
+    let demand = sluice_dataplane::FdDemand {
+        tcp_listeners: config.listeners.iter().filter(|l| !udp(l)).count(),
+        udp_listeners: config.listeners.iter().filter(udp).count(),
+        sessions_wanted: config
+            .listeners
+            .iter()
+            .filter(|l| keeps_sessions(l))
+            .map(|l| u64::from(l.udp.max_sessions))
+            .sum(),
+    };
+    sluice_dataplane::fd_shares(fd_limit, workers, &demand)
+}
+
+/// Each listener's `max_sessions` as the data plane runs it (config order; 0 for tcp): as
+/// configured while the udp listeners' sum fits their share of the fd budget, else scaled down
+/// in proportion, with a warning, so that sessions never take the fds of tcp connections or
+/// of the admin endpoint.
+fn sessions_within(config: &Config, share: u32, fd_limit: u64) -> Vec<u32> {
+    let wanted: u64 = config
+        .listeners
+        .iter()
+        .filter(|l| keeps_sessions(l))
+        .map(|l| u64::from(l.udp.max_sessions))
+        .sum();
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            if l.protocol != sluice_config::Protocol::Udp {
+                return 0;
+            }
+            let configured = l.udp.max_sessions;
+            if !keeps_sessions(l) || wanted <= u64::from(share) {
+                return configured;
+            }
+            let capped = (u64::from(configured) * u64::from(share) / wanted).max(1) as u32;
+            tracing::warn!(
+                listener = %l.name,
+                max_sessions = configured,
+                capped,
+                fd_limit,
+                "max_sessions exceeds the udp sessions' share of what RLIMIT_NOFILE allows \
+                 (one fd each): capped; datagrams of new flows beyond it are dropped \
+                 (sessions_full); raise the fd limit (LimitNOFILE=) or lower max_sessions"
+            );
+            capped
+        })
+        .collect()
 }

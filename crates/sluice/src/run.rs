@@ -365,10 +365,7 @@ async fn wait_for_shutdown(
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-        _ = watch_workers(plane) => {
-            crate::fatal("every worker stopped; exiting");
-            return ExitCode::from(exit::OS_ERROR);
-        }
+        _ = watch_workers(plane) => return worker_died(plane).await,
     }
     let open = plane.active_connections();
     tracing::info!(
@@ -394,7 +391,23 @@ async fn wait_for_shutdown(
         _ = term.recv() => { second_signal(plane).await; }
         _ = int.recv() => { second_signal(plane).await; }
     }
+    if plane.failure().is_some() {
+        return worker_died(plane).await;
+    }
     ExitCode::SUCCESS
+}
+
+/// A worker stopped on its own (its ring failed, or it panicked): the process cannot serve
+/// its share of the listeners' traffic any more, so it stops with status 70, naming the worker
+/// and the error, after closing what the other workers hold (bounded).
+async fn worker_died(plane: &DataPlane) -> ExitCode {
+    match plane.failure() {
+        Some(failure) => crate::fatal(format_args!("{failure}; exiting")),
+        None => crate::fatal("every worker stopped; exiting"),
+    }
+    plane.close_all();
+    wait_finished(plane).await;
+    ExitCode::from(exit::INTERNAL)
 }
 
 async fn second_signal(plane: &DataPlane) {
@@ -417,9 +430,9 @@ async fn wait_finished(plane: &DataPlane) {
     tracing::warn!("workers still closing after 3 s; exiting anyway");
 }
 
-/// Resolves if every worker thread stops on its own (an OS error in every ring).
+/// Resolves once a worker stopped on its own (an error or a panic), or every worker stopped.
 async fn watch_workers(plane: &DataPlane) {
-    while !plane.is_finished() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    while plane.failure().is_none() && !plane.is_finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

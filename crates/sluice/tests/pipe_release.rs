@@ -1,12 +1,13 @@
 //! Splice pipes come back to the pool however a connection ends (issue 11, item 2).
 //!
-//! A client pushes bulk bytes toward a backend that never reads, so the direction switches to
-//! splicing and its leased pipe still holds bytes when the connection closes. Whether it ends
-//! by the idle timeout or by the client's reset, the pipe must be given back (a pipe with bytes
-//! in it is closed, never reused): `sluice_pipes_leased` returns to 0 after every round and the
-//! process's sockets return to their count at start. Before the fix every such pipe stayed
-//! leased, with its two fds, for the life of the process; after 256 of them a worker never
-//! spliced again.
+//! A backend streams bulk bytes toward clients that never read, so the direction switches to
+//! splicing, and a client's socket takes less than the pipe holds (a peer that never read has
+//! a small send buffer on Sluice's side): the leased pipe still holds bytes when the connection
+//! closes. Whether it ends by the idle timeout or by the client's reset, the pipe must be given
+//! back (a pipe with bytes in it is closed, never reused): `sluice_pipes_leased` returns to 0
+//! after every round and the process's sockets return to their count at start. Before the fix
+//! every such pipe stayed leased, with its two fds, for the life of the process; after 256 of
+//! them a worker never spliced again.
 
 mod common;
 
@@ -20,11 +21,12 @@ use std::time::{Duration, Instant};
 use common::{Listener, binary, config};
 use sluice_testkit::{Sluice, free_addr, scrape_metrics, series};
 
-/// Connections per round; each leases one pipe.
+/// Connections per batch.
 const CONNECTIONS: usize = 12;
-/// How long the clients push, and how long of it the sink reads.
-const PUSH_TIME: Duration = Duration::from_secs(1);
-const READ_TIME: Duration = Duration::from_millis(300);
+/// How long the clients read before they stop.
+const READ_TIME: Duration = Duration::from_millis(200);
+/// How long a round waits for its connections' directions to fill.
+const FILL_TIME: Duration = Duration::from_millis(500);
 /// Batches of connections a round may open before one of them is caught with bytes in a pipe
 /// (each batch catches several: this bounds a machine where timing differs).
 const BATCHES_MAX: usize = 5;
@@ -33,94 +35,82 @@ const SETTLE: Duration = Duration::from_secs(15);
 
 with_workers_1_and_2!(pipes_holding_bytes_are_given_back_when_connections_close);
 
-/// A backend that reads its connections while `reading` is set and then stops for good: a
-/// direction that was splicing fast is caught with bytes in its pipe when the sink's socket
-/// fills (a sink that never read would have been backed up before any pipe was leased).
-struct Sink {
+/// A backend that writes to every connection as fast as it is let, until the connection ends.
+struct Source {
     addr: SocketAddr,
-    reading: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
-impl Sink {
-    fn start() -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the sink");
-        listener.set_nonblocking(true).expect("non-blocking sink");
-        let addr = listener.local_addr().expect("sink address");
-        let reading = Arc::new(AtomicBool::new(false));
+impl Source {
+    fn start() -> Source {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the source");
+        listener.set_nonblocking(true).expect("non-blocking source");
+        let addr = listener.local_addr().expect("source address");
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (Arc::clone(&reading), Arc::clone(&stop));
+        let s = Arc::clone(&stop);
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let Ok((stream, _)) = listener.accept() else {
                     thread::sleep(Duration::from_millis(2));
                     continue;
                 };
-                let (r, s) = (Arc::clone(&r), Arc::clone(&s));
-                thread::spawn(move || drain_then_hold(stream, &r, &s));
+                let s = Arc::clone(&s);
+                thread::spawn(move || push_until_closed(stream, &s));
             }
         });
-        Sink {
-            addr,
-            reading,
-            stop,
-        }
+        Source { addr, stop }
     }
 }
 
-/// Reads while `reading`, then holds the connection unread until it ends or `stop`.
-fn drain_then_hold(mut stream: TcpStream, reading: &AtomicBool, stop: &AtomicBool) {
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
-    let mut buf = vec![0u8; 256 * 1024];
-    while reading.load(Ordering::Relaxed) {
-        match stream.read(&mut buf) {
-            Ok(0) => return,
+/// Writes until the connection is gone (or `stop`), blocking while it is full.
+fn push_until_closed(mut stream: TcpStream, stop: &AtomicBool) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.write(&chunk) {
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(_) => return,
         }
     }
-    // Held unread: its receive window closes and Sluice's socket toward it fills.
-    while !stop.load(Ordering::Relaxed) {
-        thread::sleep(Duration::from_millis(20));
-        if stream.peek(&mut buf[..1]).is_ok_and(|n| n == 0) {
-            return;
-        }
-    }
 }
 
-impl Drop for Sink {
+impl Drop for Source {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-/// Connects `n` clients through `front` and has them push as fast as the path takes for a
-/// second, while the sink reads only the first 300 ms; returns them open.
-fn push_clients(front: SocketAddr, sink: &Sink, n: usize) -> Vec<TcpStream> {
-    let chunk = vec![0x5a_u8; 64 * 1024];
-    sink.reading.store(true, Ordering::Relaxed);
-    let mut clients: Vec<TcpStream> = (0..n)
+/// Connects `n` clients through `front` that read for a moment and then stop for good, with a
+/// small receive buffer: the first chunks go through (the direction switches to splicing once
+/// a whole buffer arrives), then Sluice's socket toward the client, whose send buffer never grew,
+/// takes less than a pipe holds.
+fn stalling_clients(front: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let clients: Vec<TcpStream> = (0..n)
         .map(|_| {
-            let stream = TcpStream::connect(front).expect("connect through sluice");
-            stream.set_nonblocking(true).unwrap();
-            stream
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(front),
+                socket2::Type::STREAM,
+                None,
+            )
+            .expect("client socket");
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .connect(&front.into())
+                .expect("connect through sluice");
+            socket.set_nonblocking(true).unwrap();
+            TcpStream::from(socket)
         })
         .collect();
+    let mut buf = vec![0u8; 64 * 1024];
     let start = Instant::now();
-    while start.elapsed() < PUSH_TIME {
-        if start.elapsed() > READ_TIME {
-            sink.reading.store(false, Ordering::Relaxed);
+    while start.elapsed() < READ_TIME {
+        for mut client in &clients {
+            let _ = client.read(&mut buf);
         }
-        for stream in &mut clients {
-            match stream.write(&chunk) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => panic!("push through sluice: {e}"),
-            }
-        }
+        thread::sleep(Duration::from_millis(1));
     }
-    sink.reading.store(false, Ordering::Relaxed);
+    thread::sleep(FILL_TIME);
     clients
 }
 
@@ -134,7 +124,7 @@ fn metric(admin: SocketAddr, key: &str) -> f64 {
 
 /// One round: connections whose pipes hold bytes, then closed by `end` (idle timeout, or the
 /// client's reset); every pipe is given back once they have closed.
-fn round(admin: SocketAddr, front: SocketAddr, sink: &Sink, reset: bool) {
+fn round(admin: SocketAddr, front: SocketAddr, reset: bool) {
     let how = if reset {
         "client reset"
     } else {
@@ -145,7 +135,7 @@ fn round(admin: SocketAddr, front: SocketAddr, sink: &Sink, reset: bool) {
     // once: a pipe still leased now holds bytes.
     let mut clients = Vec::new();
     for _ in 0..BATCHES_MAX {
-        clients.extend(push_clients(front, sink, CONNECTIONS));
+        clients.extend(stalling_clients(front, CONNECTIONS));
         if metric(admin, "sluice_pipes_leased") >= 1.0 {
             break;
         }
@@ -200,9 +190,9 @@ fn closed(admin: SocketAddr) -> f64 {
 }
 
 fn pipes_holding_bytes_are_given_back_when_connections_close(workers: usize) {
-    let sink = Sink::start();
+    let source = Source::start();
     let admin = free_addr();
-    let bulk = Listener::new("bulk", &[sink.addr]).with("timeouts: { idle: 3s }");
+    let bulk = Listener::new("bulk", &[source.addr]).with("timeouts: { idle: 3s }");
     let sluice = Sluice::start(
         binary(),
         &config(workers, Some(admin), &[], std::slice::from_ref(&bulk)),
@@ -211,7 +201,7 @@ fn pipes_holding_bytes_are_given_back_when_connections_close(workers: usize) {
     // Two rounds of each ending. A pipe kept by a closed connection shows as a lease that
     // never ends (checked in each round); its connection's sockets must be gone too.
     for reset in [false, true, false, true] {
-        round(admin, bulk.bind, &sink, reset);
+        round(admin, bulk.bind, reset);
     }
     let deadline = Instant::now() + SETTLE;
     let mut after = fds_by_kind(&sluice);

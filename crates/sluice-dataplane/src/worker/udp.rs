@@ -11,6 +11,11 @@
 //! Every operation here carries `DATAGRAM_OP` in its user data and names an entry of the worker's
 //! [`UdpOps`] table, which says what the operation was and holds what must outlive it (a closed
 //! session's socket stays open until its receive's last completion).
+//!
+//! No socket here is dropped directly: each goes to [`sluice_uring::Uring::close_after_submit`],
+//! because a datagram queued for a session that then ended (an ICMP error in the same batch)
+//! still names its fd, and a new session could take the number before the send is submitted
+//! (`crates/sluice/tests/udp_hardening.rs`, `replies_reach_only_the_client_that_sent_the_request`).
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -45,6 +50,17 @@ pub(super) struct UdpListener {
     pub table: FlowTable<Peer>,
     /// `per_packet`: one socket per backend, shared by every datagram to it.
     pub shared: Vec<Option<SharedSocket>>,
+    /// Receives that ended for want of datagram buffers, re-armed once some are back
+    /// (`feed_udp`), oldest first. Re-armed at once, they fail at once for as long as the pool
+    /// is empty: the worker would spin.
+    starved: Vec<Starved>,
+}
+
+/// A receive of a udp listener's that waits for datagram buffers.
+#[derive(Debug, Clone, Copy)]
+enum Starved {
+    Session(FlowId),
+    Shared(BackendId),
 }
 
 /// A session's side toward its backend.
@@ -213,6 +229,7 @@ impl UdpListener {
             plan,
             table: FlowTable::new(capacity, policy),
             shared: Vec::new(),
+            starved: Vec::new(),
         }
     }
 
@@ -260,8 +277,8 @@ impl Worker {
             }
             return;
         };
-        if ends {
-            drop(self.udp_ops.take(index));
+        if ends && let Some(op) = self.udp_ops.take(index) {
+            self.release_op(op);
         }
         match op {
             OpKind::ListenerRecv { listener } => {
@@ -315,8 +332,12 @@ impl Worker {
                     {
                         shared.recv_op = None;
                     }
-                    if c.result != -libc::ECANCELED {
-                        self.arm_shared(listener, backend);
+                    match c.result {
+                        r if r == -libc::ECANCELED => {}
+                        r if r == -libc::ENOBUFS => {
+                            self.starve(listener, Starved::Shared(backend));
+                        }
+                        _ => self.arm_shared(listener, backend),
                     }
                 }
             }
@@ -438,7 +459,7 @@ impl Worker {
             Insert::Inserted { id } => (id, None),
             Insert::Evicted { id, evicted } => (id, Some(evicted)),
             Insert::Full { payload } => {
-                drop(payload);
+                self.release_peer(payload);
                 self.udp_counters(listener).dropped[UdpDrop::SessionsFull.index()].add(1);
                 return None;
             }
@@ -592,10 +613,15 @@ impl Worker {
     }
 
     /// A session's receive ended with an error: ICMP unreachable (the backend's port is closed,
-    /// a passive health signal) ends the session; a full pool re-arms later.
+    /// a passive health signal) ends the session; an empty pool re-arms once buffers are back.
     fn session_recv_ended(&mut self, listener: usize, flow: FlowId, result: i32) {
         if result == -libc::ENOBUFS {
-            self.rearm_session(listener, flow);
+            if let Some(Some(l)) = self.udp.get_mut(listener)
+                && let Some(session) = l.table.get_id_mut(flow, Instant::now())
+            {
+                session.payload.recv_op = None;
+            }
+            self.starve(listener, Starved::Session(flow));
             return;
         }
         if let Some(Some(l)) = self.udp.get(listener)
@@ -701,8 +727,23 @@ impl Worker {
                 self.ring
                     .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
             }
-            // No receive in flight: nothing can refer to the fd any more.
-            _ => drop(socket),
+            // No receive in flight; a send naming the fd may still be queued.
+            _ => self.ring.close_after_submit(socket),
+        }
+    }
+
+    /// What a finished operation held: a closed session's or `per_packet` socket.
+    fn release_op(&mut self, op: UdpOp) {
+        if let UdpOp::SessionRecv {
+            closed: Some(socket),
+            ..
+        }
+        | UdpOp::SharedRecv {
+            closed: Some(socket),
+            ..
+        } = op
+        {
+            self.ring.close_after_submit(socket);
         }
     }
 
@@ -735,13 +776,57 @@ impl Worker {
             .min()
     }
 
-    /// Re-arms listener receives that stopped for want of datagram buffers, once some are back,
-    /// or after an error's pause.
+    /// Notes a receive that ended for want of datagram buffers (see `UdpListener::starved`).
+    fn starve(&mut self, listener: usize, receive: Starved) {
+        let Some(Some(l)) = self.udp.get_mut(listener) else {
+            return;
+        };
+        // Each live receive is listed at most once; entries of sessions that ended meanwhile
+        // are dropped here before they could outnumber the live ones.
+        if l.starved.len() >= l.table.capacity() + l.shared.len() {
+            let (table, shared) = (&l.table, &l.shared);
+            l.starved.retain(|r| match r {
+                Starved::Session(flow) => table.get_id(*flow).is_some(),
+                Starved::Shared(backend) => {
+                    shared.get(backend.index()).is_some_and(Option::is_some)
+                }
+            });
+        }
+        l.starved.push(receive);
+    }
+
+    /// Re-arms as many session and `per_packet` receives that wait for datagram buffers as
+    /// there are buffers in the ring (each takes at least one to get anywhere), oldest first.
+    /// A receive whose session or socket is gone meanwhile is passed over.
+    fn feed_starved(&mut self) {
+        let mut budget = self.ring.datagram_pool().map_or(0, |p| p.free()) as usize;
+        for listener in 0..self.udp.len() {
+            if budget == 0 {
+                return;
+            }
+            let Some(Some(l)) = self.udp.get_mut(listener) else {
+                continue;
+            };
+            let take = budget.min(l.starved.len());
+            let fed: Vec<Starved> = l.starved.drain(..take).collect();
+            budget -= take;
+            for receive in fed {
+                match receive {
+                    Starved::Session(flow) => self.rearm_session(listener, flow),
+                    Starved::Shared(backend) => self.arm_shared(listener, backend),
+                }
+            }
+        }
+    }
+
+    /// Re-arms receives that stopped for want of datagram buffers, once some are back, and
+    /// listener receives after an error's pause.
     pub(super) fn feed_udp(&mut self, now: Instant) {
         self.ring.top_up_datagrams(DATAGRAM_RING_LOW);
         if self.phase >= crate::DRAINING {
             return;
         }
+        self.feed_starved();
         let starved = self.udp_starved && self.ring.datagram_pool().is_some_and(|p| p.free() > 0);
         let paused = self.udp_rearm_at.is_some_and(|at| at <= now);
         if !starved && !paused {
@@ -783,7 +868,7 @@ impl Worker {
                         self.ring
                             .cancel(DATAGRAM_OP | u64::from(op), user_data(Op::Cancel, 0));
                     }
-                    _ => drop(socket),
+                    _ => self.ring.close_after_submit(socket),
                 }
             }
         }

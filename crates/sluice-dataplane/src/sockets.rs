@@ -170,7 +170,8 @@ pub fn pipes_for_budget(fd_limit: u64, workers: usize) -> usize {
 
 /// How many proxied connections the fd budget allows: two sockets per connection, after a
 /// reserve for listeners (one per listener per worker), rings, eventfds, the workers' pipes,
-/// the admin endpoint, logs and the control plane.
+/// logs and the control plane. `fd_limit` is the data plane's share: the admin endpoint's
+/// descriptors are taken off it before (`admin.max_connections`).
 pub fn connections_for_budget(fd_limit: u64, workers: usize, listeners: usize) -> u32 {
     let pipes = 2 * (pipes_for_budget(fd_limit, workers) * workers) as u64;
     let reserve = 64 + (workers as u64) * (listeners as u64 + 4) + pipes;

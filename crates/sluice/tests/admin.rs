@@ -8,6 +8,7 @@
 //! - Clients that ask for a large /metrics and never read: closed at the response deadline, every
 //!   descriptor back, the memory of their responses given back.
 //! - A request that never completes (slowloris), or never starts: closed at the request deadline.
+//! - `admin.max_connections: 2`: a third connection is closed at once; a slot frees on close.
 //!
 //! The tests of this file take turns: their bounds are on time and on Sluice's memory, which a
 //! neighbour rendering a 5 MB /metrics on the same two cores would blur.
@@ -133,6 +134,11 @@ fn idle_admin_crowd_neither_stops_forwarding_nor_passes_the_cap(workers: usize) 
         .flatten()
         .filter(|(at, _)| *at < started + DEADLINE - EARLY_SLACK)
         .count();
+    assert!(
+        early >= CROWD - ADMIN_MAX_CONNECTIONS - ADMIN_FDS_SLACK,
+        "{workers} worker(s): {early} of {CROWD} idle admin connections were closed before the \
+         deadline: the ones over the cap must be closed at once, not left in the backlog"
+    );
     let last_end = ends
         .iter()
         .flatten()
@@ -335,6 +341,74 @@ fn a_request_that_never_completes_is_closed_at_the_request_deadline() {
             "slowloris ended ({how}) at {:.2} s, silent at {:.2} s",
             slow_in.as_secs_f64(),
             silent_in.as_secs_f64()
+        ),
+    );
+}
+
+/// `admin.max_connections: 2`: with two connections open a third is closed at once, and a
+/// slot is free again as soon as one of the two closes.
+#[test]
+fn admin_max_connections_is_the_cap() {
+    let _turn = one_at_a_time();
+    let backend = EchoServer::echo();
+    let admin = free_addr();
+    let top = format!("admin: {{ bind: \"{admin}\", max_connections: 2 }}");
+    let yaml = config(
+        1,
+        None,
+        &[&top],
+        &[Listener::new("data", &[backend.addr()])],
+    );
+    let sluice = Sluice::start(binary(), &yaml);
+    scrape_metrics(admin).expect("/metrics");
+    let baseline = sluice.fd_count();
+
+    let first = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT).unwrap();
+    let second = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT).unwrap();
+    let held = wait_fd_count_at_least(&sluice, baseline + 2, Instant::now() + CLOSE_SLACK);
+    assert_eq!(held, baseline + 2, "both admin connections are held");
+    let started = Instant::now();
+    let third = TcpStream::connect_timeout(&admin, CONNECT_TIMEOUT).unwrap();
+    let end = watch_ends(
+        std::slice::from_ref(&third),
+        started + DEADLINE - EARLY_SLACK,
+    )
+    .unwrap()[0];
+    let (at, how) = end.unwrap_or_else(|| {
+        panic!("a third admin connection over admin.max_connections 2 is still open")
+    });
+    assert!(
+        matches!(how, StreamEnd::Eof | StreamEnd::Reset),
+        "the third connection ended with {how:?}"
+    );
+    let closed_in = at.duration_since(started);
+    assert!(
+        http_get(admin, "/healthz").is_err(),
+        "/healthz answered over the cap"
+    );
+    assert_eq!(sluice.fd_count(), baseline + 2, "the cap holds");
+
+    drop(first);
+    let deadline = Instant::now() + CLOSE_SLACK;
+    let answered = loop {
+        match http_get(admin, "/healthz") {
+            Ok(response) => break response,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("/healthz after one of the two closed: {e}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!((answered.status, answered.body.as_str()), (200, "ok\n"));
+    drop((second, third));
+    let fds = sluice.wait_fd_count_at_most(baseline, Instant::now() + CLOSE_SLACK);
+    assert!(fds <= baseline, "fds {fds}, baseline {baseline}");
+    figure(
+        "admin.max_connections 2",
+        "a third connection is closed at once; a slot is free when one closes",
+        &format!(
+            "third closed ({how:?}) in {:.1} ms",
+            closed_in.as_secs_f64() * 1000.0
         ),
     );
 }

@@ -68,6 +68,9 @@ pub enum Workers {
 pub struct Admin {
     /// Where it listens (`admin.bind`, required when `admin` is present).
     pub bind: SocketAddr,
+    /// Connections served at once (`admin.max_connections`, 1 to 1024, default 64); one over
+    /// it is closed at once. The data plane's fd budget leaves this many to the endpoint.
+    pub max_connections: u32,
 }
 
 /// One address Sluice listens on and the backends it forwards to.

@@ -73,7 +73,7 @@ const TOP: Schema = Schema {
 };
 
 const ADMIN: Schema = Schema {
-    supported: &["bind"],
+    supported: &["bind", "max_connections"],
     unsupported: &["token_file"],
 };
 
@@ -156,6 +156,10 @@ const POINTS_PER_WEIGHT_MAX: u32 = 10_000;
 const RING_POINTS_MAX: u64 = 8 * 1024 * 1024;
 
 const WORKERS_MAX: i128 = 1024;
+/// `admin.max_connections`: scrapers and probes need a handful; each costs a descriptor taken
+/// from the data plane's budget.
+const ADMIN_MAX_CONNECTIONS_DEFAULT: u32 = 64;
+const ADMIN_MAX_CONNECTIONS_MAX: i128 = 1024;
 const WEIGHT_MAX: i128 = 1000;
 
 /// Defaults, as documented in DESIGN.md's reference.
@@ -271,6 +275,13 @@ impl Walker<'_> {
 
     fn admin(&mut self, node: &Node) -> Option<Admin> {
         let fields = self.mapping(node, "admin", &ADMIN)?;
+        // Checked first, so that its error is reported even when `bind` is missing.
+        let max_connections = match fields.get("max_connections") {
+            Some(node) => self
+                .integer(node, "admin.max_connections", 1, ADMIN_MAX_CONNECTIONS_MAX)
+                .and_then(|n| u32::try_from(n).ok()),
+            None => Some(ADMIN_MAX_CONNECTIONS_DEFAULT),
+        };
         let Some(bind) = fields.get("bind") else {
             self.missing(
                 fields.location,
@@ -280,13 +291,17 @@ impl Walker<'_> {
             return None;
         };
         let text = self.string(bind, "admin.bind")?;
-        match scalar::bind(text) {
-            Ok(bind) => Some(Admin { bind }),
+        let bind = match scalar::bind(text) {
+            Ok(bind) => bind,
             Err(message) => {
                 self.error(bind.location, "admin.bind", message);
-                None
+                return None;
             }
-        }
+        };
+        Some(Admin {
+            bind,
+            max_connections: max_connections?,
+        })
     }
 
     fn listeners(&mut self, node: &Node) -> Vec<Listener> {

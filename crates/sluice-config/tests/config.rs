@@ -174,7 +174,8 @@ fn design_example_without_unsupported_keys_loads_with_its_values() {
     assert_eq!(
         config.admin,
         Some(Admin {
-            bind: addr("127.0.0.1:9900")
+            bind: addr("127.0.0.1:9900"),
+            max_connections: 64,
         })
     );
     let redis = &config.listeners[0];
@@ -396,7 +397,7 @@ fn every_supported_key_is_read() {
     let yaml = "\
 workers: 4
 shutdown_timeout: 0
-admin: { bind: \"[::1]:9900\" }
+admin: { bind: \"[::1]:9900\", max_connections: 8 }
 listeners:
   - name: pg
     protocol: tcp
@@ -426,7 +427,8 @@ listeners:
     assert_eq!(
         config.admin,
         Some(Admin {
-            bind: addr("[::1]:9900")
+            bind: addr("[::1]:9900"),
+            max_connections: 8,
         })
     );
     let pg = &config.listeners[0];
@@ -639,6 +641,13 @@ fn bad_configs_report_position_field_and_expectation() {
          &[(6, 9, "listeners[0].backends[1]", "duplicate backend 10.0.0.1:1, already listed at line 5")]),
         ("admin without bind", format!("admin: {{}}\n{GOOD}"),
          &[(1, 8, "admin.bind", "missing required field")]),
+        ("admin.max_connections 0", format!("admin:\n  bind: 127.0.0.1:9900\n  max_connections: 0\n{GOOD}"),
+         &[(3, 20, "admin.max_connections", "must be between 1 and 1024, found 0")]),
+        ("admin.max_connections too large, and no bind", format!("admin: {{ max_connections: 1025 }}\n{GOOD}"),
+         &[(1, 8, "admin.bind", "missing required field"),
+           (1, 27, "admin.max_connections", "must be between 1 and 1024, found 1025")]),
+        ("admin.max_connections not an integer", format!("admin: {{ bind: 127.0.0.1:9900, max_connections: lots }}\n{GOOD}"),
+         &[(1, 49, "admin.max_connections", "expected an integer, found a string")]),
         ("missing listeners", "workers: auto\n".into(),
          &[(1, 1, "listeners", "missing required field; expected a list of listeners")]),
         ("invalid name", "listeners:\n  - name: \"my redis\"\n    bind: \"0.0.0.0:1\"\n    backends: [\"10.0.0.1:1\"]\n".into(),

@@ -174,7 +174,8 @@ pub fn pipes_for_budget(fd_limit: u64, workers: usize) -> usize {
 }
 
 /// How many proxied connections the fd budget allows when only tcp listeners share it (see
-/// [`fd_shares`]).
+/// [`fd_shares`]). `fd_limit` is the data plane's share: the admin endpoint's descriptors are
+/// taken off it before (`admin.max_connections`).
 pub fn connections_for_budget(fd_limit: u64, workers: usize, listeners: usize) -> u32 {
     let demand = FdDemand {
         tcp_listeners: listeners,

@@ -156,10 +156,21 @@ pub(crate) fn worker_count(workers: Workers) -> usize {
     }
 }
 
+/// The descriptors the admin endpoint may hold: its connections, its listening socket, and one
+/// accepted over its cap before it is closed. They are kept out of the data plane's budget, so
+/// that neither can take the other's.
+pub(crate) fn admin_fds(config: &Config) -> u64 {
+    config
+        .admin
+        .map_or(0, |admin| u64::from(admin.max_connections) + 2)
+}
+
 /// The data plane's configuration, given the fd limit in force.
 pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
     let workers = worker_count(config.workers);
-    let shares = fd_shares(config, fd_limit, workers);
+    // The data plane's share of the descriptors: the limit less the admin endpoint's.
+    let budget = fd_limit.saturating_sub(admin_fds(config));
+    let shares = fd_shares(config, budget, workers);
     let cap = shares.connections;
     let max_sessions = sessions_within(config, shares.sessions, fd_limit);
     let listeners = config
@@ -228,7 +239,7 @@ pub(crate) fn plane(config: &Config, fd_limit: u64) -> PlaneConfig {
         listeners,
         connections_max_total: cap,
         pin_workers: true,
-        pipes_per_worker: sluice_dataplane::pipes_for_budget(fd_limit, workers),
+        pipes_per_worker: sluice_dataplane::pipes_for_budget(budget, workers),
         events: None,
     }
 }
@@ -289,4 +300,47 @@ fn sessions_within(config: &Config, share: u32, fd_limit: u64) -> Vec<u32> {
             capped
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(admin: &str) -> Config {
+        let yaml = format!(
+            "workers: 1\n{admin}listeners:\n  - name: a\n    bind: 127.0.0.1:1000\n    \
+             backends: [127.0.0.1:1]\n"
+        );
+        sluice_config::parse(&yaml, Path::new("test.yaml")).unwrap()
+    }
+
+    #[test]
+    fn the_admin_share_is_kept_out_of_the_data_plane_budget() {
+        let without = plane(&config(""), 512);
+        assert_eq!(
+            without.connections_max_total,
+            sluice_dataplane::connections_for_budget(512, 1, 1)
+        );
+        // The default cap of 64, the listening socket and one closed over the cap.
+        let default = plane(&config("admin: { bind: 127.0.0.1:9900 }\n"), 512);
+        assert_eq!(
+            default.connections_max_total,
+            sluice_dataplane::connections_for_budget(512 - 66, 1, 1)
+        );
+        assert_eq!(
+            default.pipes_per_worker,
+            sluice_dataplane::pipes_for_budget(512 - 66, 1)
+        );
+        let small = plane(
+            &config("admin: { bind: 127.0.0.1:9900, max_connections: 2 }\n"),
+            512,
+        );
+        assert_eq!(
+            small.connections_max_total,
+            sluice_dataplane::connections_for_budget(512 - 4, 1, 1)
+        );
+        assert!(small.connections_max_total > default.connections_max_total);
+    }
 }

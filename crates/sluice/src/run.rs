@@ -259,7 +259,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
                 names,
                 udp,
             );
-            if let Err(e) = crate::admin::serve(admin.bind, view).await {
+            if let Err(e) = crate::admin::serve(admin.bind, admin.max_connections, view).await {
                 crate::fatal(format_args!("admin endpoint {}: {e}", admin.bind));
                 plane.close_all();
                 return ExitCode::from(exit::OS_ERROR);

@@ -368,7 +368,8 @@ fn run(workers: usize, scenario: &Scenario) {
             sluice.stderr_text()
         );
         assert!(at_cap >= 1.0, "{label}: pauses at the cap are counted");
-        let cap = sluice_dataplane::connections_for_budget(FD_LIMIT, workers, 1) as usize;
+        // The budget less the admin endpoint's share, as logged at start.
+        let cap = logged_connections_max(&sluice);
         assert_eq!(
             served, cap,
             "{label}: the derived cap ({cap}) is what is served at first"
@@ -409,6 +410,17 @@ fn run(workers: usize, scenario: &Scenario) {
             slowest.as_secs_f64()
         ),
     );
+}
+
+/// The data plane's connection cap that Sluice logged at start (`connections_max=`).
+fn logged_connections_max(sluice: &Sluice) -> usize {
+    let stderr = sluice.stderr_text();
+    stderr
+        .lines()
+        .filter(|line| line.contains("starting"))
+        .find_map(|line| line.split("connections_max=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no connections_max in the start line\n{stderr}"))
 }
 
 /// Lines of Sluice's stderr that report EMFILE at accept.

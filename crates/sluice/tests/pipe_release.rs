@@ -1,9 +1,9 @@
 //! Splice pipes come back to the pool however a connection ends (issue 11, item 2).
 //!
-//! A backend streams bulk bytes toward clients that never read, so the direction switches to
-//! splicing, and a client's socket takes less than the pipe holds (a peer that never read has
-//! a small send buffer on Sluice's side): the leased pipe still holds bytes when the connection
-//! closes. Whether it ends by the idle timeout or by the client's reset, the pipe must be given
+//! A backend streams bulk bytes toward clients that read a little and then stop, so the
+//! direction switches to splicing, and a client's socket takes less than the pipe holds (a peer
+//! with small segments gets a small send buffer on Sluice's side): the leased pipe still holds
+//! bytes when the connection closes. Whether it ends by the idle timeout or by the client's reset, the pipe must be given
 //! back (a pipe with bytes in it is closed, never reused): `sluice_pipes_leased` returns to 0
 //! after every round and the process's sockets return to their count at start. Before the fix
 //! every such pipe stayed leased, with its two fds, for the life of the process; after 256 of
@@ -24,7 +24,7 @@ use sluice_testkit::{Sluice, free_addr, scrape_metrics, series};
 /// Connections per batch.
 const CONNECTIONS: usize = 12;
 /// How long the clients read before they stop.
-const READ_TIME: Duration = Duration::from_millis(200);
+const READ_TIME: Duration = Duration::from_millis(500);
 /// How long a round waits for its connections' directions to fill.
 const FILL_TIME: Duration = Duration::from_millis(500);
 /// Batches of connections a round may open before one of them is caught with bytes in a pipe
@@ -82,9 +82,9 @@ impl Drop for Source {
 }
 
 /// Connects `n` clients through `front` that read for a moment and then stop for good, with a
-/// small receive buffer: the first chunks go through (the direction switches to splicing once
-/// a whole buffer arrives), then Sluice's socket toward the client, whose send buffer never grew,
-/// takes less than a pipe holds.
+/// small receive buffer and small segments: the first chunks go through (the direction
+/// switches to splicing once a whole buffer arrives), and Sluice's socket toward the client,
+/// whose send buffer stays small, takes less than a pipe holds.
 fn stalling_clients(front: SocketAddr, n: usize) -> Vec<TcpStream> {
     let clients: Vec<TcpStream> = (0..n)
         .map(|_| {
@@ -95,6 +95,9 @@ fn stalling_clients(front: SocketAddr, n: usize) -> Vec<TcpStream> {
             )
             .expect("client socket");
             socket.set_recv_buffer_size(4096).unwrap();
+            // Small segments, as from a peer across the internet: Sluice's socket toward it
+            // then keeps a small send buffer, which takes less than a pipe holds.
+            socket.set_tcp_mss(536).unwrap();
             socket
                 .connect(&front.into())
                 .expect("connect through sluice");
@@ -102,13 +105,14 @@ fn stalling_clients(front: SocketAddr, n: usize) -> Vec<TcpStream> {
             TcpStream::from(socket)
         })
         .collect();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Slowly, as a peer behind a slow link: 4 KiB per client every 10 ms.
+    let mut buf = vec![0u8; 4096];
     let start = Instant::now();
     while start.elapsed() < READ_TIME {
         for mut client in &clients {
             let _ = client.read(&mut buf);
         }
-        thread::sleep(Duration::from_millis(1));
+        thread::sleep(Duration::from_millis(10));
     }
     thread::sleep(FILL_TIME);
     clients

@@ -71,7 +71,7 @@ pub(crate) async fn serve(
                     // Out of fds (EMFILE), accept fails until some close: back off meanwhile,
                     // like the workers do.
                     if out_of_fds.due() {
-                        tracing::warn!(error = %e, "admin accept failed");
+                        tracing::warn!(error = e.to_string(), "admin accept failed");
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -56,7 +56,10 @@ pub use crowd::{CrowdEcho, raise_fd_limit, watch_ends};
 pub use data::{Checksum, MAX_WRITE, SeededStream, StreamSummary, summary_of};
 pub use echo::{Behavior, ConnRecord, EchoServer};
 pub use fault::{Fault, FaultProxy, Leg};
-pub use metrics::{HttpResponse, http_get, parse_prometheus, scrape_metrics, series, wait_metric};
+pub use metrics::{
+    HttpResponse, closed_connections, http_get, metric, parse_prometheus, scrape_metrics, series,
+    wait_metric,
+};
 pub use netns::Netns;
 /// Signals for [`Sluice::signal`].
 pub use nix::sys::signal::Signal;

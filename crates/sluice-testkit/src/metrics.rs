@@ -74,6 +74,25 @@ pub fn series(name: &str, labels: &[(&str, &str)]) -> String {
     render(name, &mut labels)
 }
 
+/// One value of `/metrics`: 0 when the series is absent (a counter not yet touched). Panics
+/// when `/metrics` does not answer.
+pub fn metric(addr: SocketAddr, key: &str) -> f64 {
+    scrape_metrics(addr)
+        .unwrap_or_else(|e| panic!("scrape /metrics at {addr}: {e}"))
+        .get(key)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// `sluice_connections_closed_total` of `listener` for `reason` (see [`metric`]).
+pub fn closed_connections(addr: SocketAddr, listener: &str, reason: &str) -> f64 {
+    let key = series(
+        "sluice_connections_closed_total",
+        &[("listener", listener), ("reason", reason)],
+    );
+    metric(addr, &key)
+}
+
 /// Polls `/metrics` until `key` equals `expected` or `timeout` passes; returns the last value seen
 /// (`None` when the series was absent), so the caller asserts with the real value in the message.
 /// Counters are merged from the workers when scraped and a close is counted just after the

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{Listener, binary, config};
 use sluice_health::FlapDamping;
 use sluice_testkit::{
-    Behavior, EchoServer, RedisServer, Reply, Sluice, StreamEnd, free_addr, read_to_end,
+    Behavior, EchoServer, RedisServer, Reply, Sluice, StreamEnd, free_addr, metric, read_to_end,
     redis_command, refusing_addr, require_installed, scrape_metrics, series, wait_metric,
 };
 
@@ -148,15 +148,6 @@ fn state_series(listener: &str, backend: SocketAddr, state: &str) -> String {
             ("state", state),
         ],
     )
-}
-
-/// One value from `/metrics`, 0 when the series is absent (a counter not yet touched).
-fn metric(admin: SocketAddr, key: &str) -> f64 {
-    scrape_metrics(admin)
-        .expect("scrape /metrics")
-        .get(key)
-        .copied()
-        .unwrap_or(0.0)
 }
 
 /// Waits (bounded) until `backend` reports `state`; panics with the log otherwise.

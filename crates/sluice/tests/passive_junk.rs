@@ -15,9 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
-use sluice_testkit::EchoServer;
 use sluice_testkit::{
-    RedisServer, Reply, Sluice, free_addr, redis_command, require_installed, scrape_metrics, series,
+    EchoServer, RedisServer, Reply, Sluice, closed_connections, free_addr, redis_command,
+    require_installed, scrape_metrics, series,
 };
 
 /// Junk connections sent at once: twice the default `consecutive_failures` (5) per backend.
@@ -108,15 +108,7 @@ fn send_junk(front: SocketAddr) {
 
 /// Connections of the listener closed because the backend reset them.
 fn backend_resets(admin: SocketAddr) -> f64 {
-    let key = series(
-        "sluice_connections_closed_total",
-        &[("listener", "redis"), ("reason", "backend_reset")],
-    );
-    scrape_metrics(admin)
-        .expect("scrape /metrics")
-        .get(&key)
-        .copied()
-        .unwrap_or(0.0)
+    closed_connections(admin, "redis", "backend_reset")
 }
 
 /// The counterpart: a backend that resets every connection at once, before the client sent

@@ -19,7 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
-use sluice_testkit::{Sluice, free_addr, scrape_metrics, series};
+use sluice_testkit::{Sluice, closed_connections, free_addr, metric};
 
 /// Connections per batch.
 const CONNECTIONS: usize = 12;
@@ -118,14 +118,6 @@ fn stalling_clients(front: SocketAddr, n: usize) -> Vec<TcpStream> {
     clients
 }
 
-fn metric(admin: SocketAddr, key: &str) -> f64 {
-    scrape_metrics(admin)
-        .expect("scrape /metrics")
-        .get(key)
-        .copied()
-        .unwrap_or(0.0)
-}
-
 /// One round: connections whose pipes hold bytes, then closed by `end` (idle timeout, or the
 /// client's reset); every pipe is given back once they have closed.
 fn round(admin: SocketAddr, front: SocketAddr, reset: bool) {
@@ -183,13 +175,7 @@ fn round(admin: SocketAddr, front: SocketAddr, reset: bool) {
 fn closed(admin: SocketAddr) -> f64 {
     ["idle_timeout", "client_reset"]
         .iter()
-        .map(|reason| {
-            let key = series(
-                "sluice_connections_closed_total",
-                &[("listener", "bulk"), ("reason", reason)],
-            );
-            metric(admin, &key)
-        })
+        .map(|reason| closed_connections(admin, "bulk", reason))
         .sum()
 }
 

@@ -9,9 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
-use sluice_testkit::{
-    EchoServer, Sluice, StreamEnd, free_addr, read_to_end, scrape_metrics, series,
-};
+use sluice_testkit::{EchoServer, Sluice, StreamEnd, closed_connections, free_addr, read_to_end};
 
 with_workers_1_and_2!(
     idle_timeout_closes_a_quiet_connection_but_not_a_busy_one,
@@ -43,15 +41,7 @@ fn echo(stream: &mut TcpStream, bytes: &[u8]) {
 }
 
 fn closed_count(admin: SocketAddr, listener: &str, reason: &str) -> f64 {
-    let key = series(
-        "sluice_connections_closed_total",
-        &[("listener", listener), ("reason", reason)],
-    );
-    scrape_metrics(admin)
-        .unwrap()
-        .get(&key)
-        .copied()
-        .unwrap_or(0.0)
+    closed_connections(admin, listener, reason)
 }
 
 fn idle_timeout_closes_a_quiet_connection_but_not_a_busy_one(workers: usize) {

@@ -4,7 +4,9 @@
 //! fuzzer instead of a seeded RNG picking each event and its details (outcome, length, partial
 //! send, time step), and with more events: late connect completions, `NoBackend`, receive
 //! errors, delayed answers to `QueryUnacked`, buffers coming back at any moment, drain and
-//! shutdown, and time that jumps to exactly a deadline or far past it.
+//! shutdown, time that jumps to exactly a deadline or far past it, and chunks moved to other
+//! buffers (`rehome`, and sends the driver stops: `handle_sent_rehomed`), as the io_uring
+//! driver does for a direction stalled behind a peer that does not read.
 //!
 //! Two modes, picked by the first byte:
 //! - a faithful driver (most inputs): only events a real driver can deliver; every action is
@@ -21,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
-use sluice_conn::{Action, Conn, ConnectError, Limits, RecvOutcome, SendOutcome, Side};
+use sluice_conn::{Action, Chunk, Conn, ConnectError, Dir, Limits, RecvOutcome, SendOutcome, Side};
 
 /// Events per input: bounds the time one input takes.
 const STEPS_MAX: usize = 5_000;
@@ -141,6 +143,8 @@ enum Event {
     Drained,
     /// The driver's error watch reports a reset on a side (no receive or send involved).
     PeerError(Side),
+    /// The driver moves the chunks of a direction that no send uses to other buffers.
+    Rehome(Dir),
 }
 
 impl Sim {
@@ -307,6 +311,7 @@ impl Sim {
         if !self.closed {
             events.extend(SIDES.map(Event::PeerError));
         }
+        events.extend([Event::Rehome(Dir::ToBackend), Event::Rehome(Dir::ToClient)]);
         events
     }
 
@@ -335,6 +340,20 @@ impl Sim {
             Event::Shutdown => self.conn.handle_shutdown(),
             Event::Drained => self.conn.handle_drained(),
             Event::PeerError(side) => self.conn.handle_peer_error(side, self.now),
+            Event::Rehome(dir) => {
+                let Sim {
+                    conn,
+                    buffers,
+                    held,
+                    next_buf,
+                    ..
+                } = self;
+                let mut result = Ok(());
+                conn.rehome(dir, |chunk| {
+                    rehome(u, buffers, held, next_buf, chunk, &mut result)
+                });
+                result?;
+            }
         }
         self.drain_actions();
         Ok(())
@@ -405,6 +424,22 @@ impl Sim {
         if let SendOutcome::Sent(n) = outcome {
             self.written[idx(to)] += u64::from(n);
         }
+        if u.ratio(1, 8)? {
+            // The driver stopped this send (a peer that does not read) and moves what is left.
+            let Sim {
+                conn,
+                buffers,
+                held,
+                next_buf,
+                now,
+                ..
+            } = self;
+            let mut result = Ok(());
+            conn.handle_sent_rehomed(to, outcome, *now, |chunk| {
+                rehome(u, buffers, held, next_buf, chunk, &mut result)
+            });
+            return result;
+        }
         self.conn.handle_sent(to, outcome, self.now);
         Ok(())
     }
@@ -461,6 +496,39 @@ impl Sim {
 }
 
 /// Any call, any argument, any order; time only moves forward.
+/// The driver's answer to an offered chunk, as the fuzzer picks it: a new buffer holding the
+/// chunk's unsent bytes at some offset (recorded like a received one), or none (the chunk
+/// stays). The first input error is kept in `result` (the closure cannot return it).
+fn rehome(
+    u: &mut Unstructured<'_>,
+    buffers: &mut HashMap<u32, (Side, u64, u32)>,
+    held: &mut [usize; 2],
+    next_buf: &mut u32,
+    chunk: Chunk<u32>,
+    result: &mut Result<()>,
+) -> Option<(u32, u32)> {
+    if result.is_err() {
+        return None;
+    }
+    let offset = match (u.ratio(1, 4), u.int_in_range(0..=100u32)) {
+        (Ok(false), Ok(offset)) => offset,
+        (Ok(true), Ok(_)) => return None,
+        (Err(e), _) | (_, Err(e)) => {
+            *result = Err(e);
+            return None;
+        }
+    };
+    let (source, start, _) = buffers[&chunk.buf];
+    let at = start + u64::from(chunk.offset);
+    // The new buffer's first byte is the stream's byte `at - offset` (never before its start).
+    let offset = u64::from(offset).min(at) as u32;
+    let buf = *next_buf;
+    *next_buf += 1;
+    buffers.insert(buf, (source, at - u64::from(offset), offset + chunk.len));
+    held[idx(source)] += 1;
+    Some((buf, offset))
+}
+
 fn lying_driver(u: &mut Unstructured<'_>, limits: Limits) {
     let mut now = Instant::now();
     let mut conn: Conn<u32> = Conn::new(limits, now);

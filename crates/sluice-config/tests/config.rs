@@ -203,6 +203,7 @@ fn design_example_without_unsupported_keys_loads_with_its_values() {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            single_primary: false,
         })
     );
     assert_eq!(redis.passive, Passive::default());
@@ -281,6 +282,7 @@ fn every_check_reads_its_own_keys() {
             timeout: Duration::from_secs(2),
             rise: 1,
             fall: 1,
+            single_primary: false,
         }
     );
     let c = check(
@@ -332,6 +334,27 @@ fn every_check_reads_its_own_keys() {
             password_file: None
         }
     );
+}
+
+#[test]
+fn single_primary_defaults_to_true_with_a_primary_role_only() {
+    let single_primary = |health: &str| {
+        let yaml = format!(
+            "listeners:\n  - name: a\n    bind: \"127.0.0.1:1\"\n    backends: [\"10.0.0.1:1\"]\n    health: {health}\n"
+        );
+        let config = check(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        config.listeners[0].health.clone().unwrap().single_primary
+    };
+    assert!(single_primary("{ check: redis, role: master }"));
+    assert!(single_primary("{ check: postgres, role: primary }"));
+    assert!(!single_primary(
+        "{ check: redis, role: master, single_primary: false }"
+    ));
+    assert!(!single_primary("{ check: redis, role: replica }"));
+    assert!(!single_primary(
+        "{ check: postgres, role: standby, single_primary: false }"
+    ));
+    assert!(!single_primary("{ check: redis }"));
 }
 
 #[test]
@@ -602,6 +625,14 @@ fn bad_configs_report_position_field_and_expectation() {
          &[(5, 36, "listeners[0].health.status", "within 100-599")]),
         ("redis role of postgres", format!("{GOOD}    health: {{ check: redis, role: primary }}\n"),
          &[(5, 35, "listeners[0].health.role", "unknown value \"primary\", expected one of: master, replica")]),
+        ("single_primary without a role", format!("{GOOD}    health: {{ check: redis, single_primary: true }}\n"),
+         &[(5, 45, "listeners[0].health.single_primary", "single_primary needs role: master (redis) or role: primary (postgres)")]),
+        ("single_primary among standbys", format!("{GOOD}    health: {{ check: postgres, role: standby, single_primary: true }}\n"),
+         &[(5, 63, "listeners[0].health.single_primary", "single_primary needs role: master (redis) or role: primary (postgres)")]),
+        ("single_primary not a boolean", format!("{GOOD}    health: {{ check: redis, role: master, single_primary: yes }}\n"),
+         &[(5, 59, "listeners[0].health.single_primary", "expected true or false")]),
+        ("single_primary on tcp", format!("{GOOD}    health: {{ check: tcp, single_primary: false }}\n"),
+         &[(5, 43, "listeners[0].health.single_primary", "single_primary applies only to check redis or postgres, not tcp")]),
         ("interval too short and rise 0", format!("{GOOD}    health: {{ interval: 1ms, rise: 0 }}\n"),
          &[(5, 25, "listeners[0].health.interval", "must be at least 10ms"),
            (5, 36, "listeners[0].health.rise", "must be between 1 and 1000, found 0")]),

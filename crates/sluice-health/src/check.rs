@@ -17,6 +17,10 @@ pub struct ActiveCheck {
     pub rise: u32,
     /// Consecutive failing probes that take an up backend down.
     pub fall: u32,
+    /// At most one backend of the listener is up at a time (see
+    /// [`crate::listener::Election`]); the config allows it only with a `master` / `primary`
+    /// role, where it is the default.
+    pub single_primary: bool,
 }
 
 /// One probe of one backend.

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 pub use check::{ActiveCheck, Check, Expect, Passive, PostgresRole, RedisRole};
 pub use flap::FlapDamping;
-pub use listener::ListenerHealth;
+pub use listener::{Election, ListenerHealth};
 pub use slow_start::Ramp;
 pub use state::{BackendHealth, Policy, Reason, RiseFall, Start, State, Transition};
 

@@ -3,12 +3,69 @@
 //! backend can enforce). It also carries per-backend state across reloads, keyed by whatever
 //! stable key the caller uses (a `SocketAddr`, a name), because a backend that stays in the
 //! config keeps its counters, back-off levels and ramp.
+//!
+//! With `single_primary`, it also decides which backend holds the primary role ([`Election`]):
+//! at most one is available at a time, and availability is always read from the current
+//! election, so a snapshot built from it never has two primaries up, not even for the instant
+//! the role moves from one to the other.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Instant;
 
 use crate::ejection::ejected_max;
 use crate::state::{BackendHealth, Policy, Start, Transition};
+
+/// Who holds the primary role among the backends of a `single_primary` listener. The
+/// claimants are the backends that are up by their own verdicts (their role check passes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election<K> {
+    /// No backend claims the role.
+    Vacant,
+    /// `primary` takes new connections; `outranked` claim the role too, on lower timelines
+    /// (PostgreSQL: the higher timeline is the later promotion).
+    Held { primary: K, outranked: Vec<K> },
+    /// Several backends claim the role and none outranks the others (Redis, or PostgreSQL on
+    /// equal timelines): none takes new connections until all but one step down.
+    Contested { claimants: Vec<K> },
+}
+
+impl<K> Election<K> {
+    /// The backend that takes new connections, if any.
+    pub fn primary(&self) -> Option<&K> {
+        match self {
+            Election::Held { primary, .. } => Some(primary),
+            _ => None,
+        }
+    }
+}
+
+impl<K: fmt::Display> fmt::Display for Election<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<K: fmt::Display>(keys: &[K]) -> String {
+            keys.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        match self {
+            Election::Vacant => f.write_str("no backend claims the primary role"),
+            Election::Held { primary, outranked } if outranked.is_empty() => {
+                write!(f, "{primary} is the primary")
+            }
+            Election::Held { primary, outranked } => write!(
+                f,
+                "{primary} is the primary: its timeline is higher than that of {}",
+                list(outranked)
+            ),
+            Election::Contested { claimants } => write!(
+                f,
+                "{} all claim the primary role: none takes new connections until one steps down",
+                list(claimants)
+            ),
+        }
+    }
+}
 
 /// The health of every backend of one listener, keyed by `K`. Inputs for a key that is not
 /// there (a probe result for a backend a reload just removed) are ignored.
@@ -17,6 +74,8 @@ pub struct ListenerHealth<K> {
     policy: Policy,
     /// A `BTreeMap`, so that `tick` reports in a stable order and replays exactly.
     backends: BTreeMap<K, BackendHealth>,
+    /// The election as last returned by [`election_changed`](Self::election_changed).
+    reported: Election<K>,
 }
 
 impl<K: Ord + Clone> ListenerHealth<K> {
@@ -25,6 +84,7 @@ impl<K: Ord + Clone> ListenerHealth<K> {
         ListenerHealth {
             policy,
             backends: BTreeMap::new(),
+            reported: Election::Vacant,
         }
     }
 
@@ -100,6 +160,31 @@ impl<K: Ord + Clone> ListenerHealth<K> {
         self.backends.get_mut(key)?.probe_passed(now)
     }
 
+    /// A probe of `key` passed and reported its `timeline` (see
+    /// [`BackendHealth::probe_passed_on`]).
+    pub fn probe_passed_on(
+        &mut self,
+        key: &K,
+        now: Instant,
+        timeline: Option<u64>,
+    ) -> Option<Transition> {
+        self.backends.get_mut(key)?.probe_passed_on(now, timeline)
+    }
+
+    /// A probe of `key` was answered with the wrong role (see
+    /// [`BackendHealth::probe_wrong_role`]).
+    pub fn probe_wrong_role(
+        &mut self,
+        key: &K,
+        now: Instant,
+        actual: &str,
+        want: &str,
+    ) -> Option<Transition> {
+        self.backends
+            .get_mut(key)?
+            .probe_wrong_role(now, actual, want)
+    }
+
     /// A probe of `key` failed for `detail` (see [`BackendHealth::probe_failed`]).
     pub fn probe_failed(&mut self, key: &K, now: Instant, detail: &str) -> Option<Transition> {
         self.backends.get_mut(key)?.probe_failed(now, detail)
@@ -143,19 +228,85 @@ impl<K: Ord + Clone> ListenerHealth<K> {
             .min()
     }
 
-    /// Whether `key` takes new connections (false for an unknown key).
+    /// Whether `key` takes new connections (false for an unknown key): it is up, and with
+    /// `single_primary` it is also the elected primary.
     pub fn is_available(&self, key: &K) -> bool {
-        self.backends
+        let up = self
+            .backends
             .get(key)
-            .is_some_and(BackendHealth::is_available)
+            .is_some_and(BackendHealth::is_available);
+        up && (!self.policy.single_primary || self.election().primary() == Some(key))
     }
 
     /// The backends that take new connections, in key order.
     pub fn available(&self) -> impl Iterator<Item = &K> {
+        let primary = self
+            .policy
+            .single_primary
+            .then(|| self.election().primary().cloned());
         self.backends
             .iter()
-            .filter(|(_, backend)| backend.is_available())
+            .filter(move |(key, backend)| {
+                backend.is_available() && primary.as_ref().is_none_or(|p| p.as_ref() == Some(*key))
+            })
             .map(|(key, _)| key)
+    }
+
+    /// Who holds the primary role now, from the backends' current states; always
+    /// [`Election::Vacant`] without `single_primary`. A claimant outranks the others only when
+    /// every claimant reported a timeline and its own is the one highest.
+    pub fn election(&self) -> Election<K> {
+        if !self.policy.single_primary {
+            return Election::Vacant;
+        }
+        let claimants: Vec<(&K, Option<u64>)> = self
+            .backends
+            .iter()
+            .filter(|(_, backend)| backend.is_available())
+            .map(|(key, backend)| (key, backend.timeline()))
+            .collect();
+        match claimants.as_slice() {
+            [] => Election::Vacant,
+            [(key, _)] => Election::Held {
+                primary: (*key).clone(),
+                outranked: Vec::new(),
+            },
+            _ => {
+                let timelines: Option<Vec<u64>> = claimants.iter().map(|(_, t)| *t).collect();
+                let highest = timelines.as_ref().and_then(|t| t.iter().max().copied());
+                let leaders: Vec<&K> = claimants
+                    .iter()
+                    .filter(|(_, t)| timelines.is_some() && *t == highest)
+                    .map(|(key, _)| *key)
+                    .collect();
+                match leaders.as_slice() {
+                    [leader] => Election::Held {
+                        primary: (*leader).clone(),
+                        outranked: claimants
+                            .iter()
+                            .map(|(key, _)| *key)
+                            .filter(|key| key != leader)
+                            .cloned()
+                            .collect(),
+                    },
+                    _ => Election::Contested {
+                        claimants: claimants.iter().map(|(key, _)| (*key).clone()).collect(),
+                    },
+                }
+            }
+        }
+    }
+
+    /// The election, when it differs from the one this last returned: the caller logs it
+    /// once (a contest is reported once, however long it lasts) and republishes, since a
+    /// change of primary need not come with any backend's transition (a timeline that moves).
+    pub fn election_changed(&mut self) -> Option<Election<K>> {
+        let now = self.election();
+        if now == self.reported {
+            return None;
+        }
+        self.reported = now.clone();
+        Some(now)
     }
 
     /// Backends with a passive ejection running (whatever state they report).
@@ -204,6 +355,7 @@ mod tests {
             passive: Some(Passive::default()),
             flap: None,
             slow_start: Duration::ZERO,
+            single_primary: false,
         }
     }
 
@@ -425,5 +577,153 @@ mod tests {
         assert_eq!(keys, [0, 1]);
         assert_eq!(l.available().count(), 3);
         assert_eq!(l.ejected_max(), 0);
+    }
+
+    /// `single_primary` with the defaults: rise 2, fall 3.
+    fn primary_policy() -> Policy {
+        Policy {
+            active: Some(RiseFall { rise: 2, fall: 3 }),
+            single_primary: true,
+            ..policy()
+        }
+    }
+
+    fn available(l: &ListenerHealth<u32>) -> Vec<u32> {
+        l.available().copied().collect()
+    }
+
+    #[test]
+    fn two_masters_at_once_neither_is_available_until_one_steps_down() {
+        let t0 = Instant::now();
+        let mut l = ListenerHealth::new(primary_policy());
+        l.set_backends([0, 1], Start::Unknown);
+        l.probe_passed(&0, t0).unwrap();
+        assert_eq!(available(&l), [0], "alone, it holds the role");
+        l.probe_passed(&1, t0).unwrap();
+        assert_eq!(available(&l), Vec::<u32>::new());
+        assert!(!l.is_available(&0) && !l.is_available(&1));
+        let contest = l.election_changed().unwrap();
+        assert_eq!(
+            contest,
+            Election::Contested {
+                claimants: vec![0, 1]
+            }
+        );
+        assert_eq!(
+            contest.to_string(),
+            "0, 1 all claim the primary role: none takes new connections until one steps down"
+        );
+        for n in 1..10 {
+            let now = t0 + Duration::from_millis(200 * n);
+            l.probe_passed(&0, now);
+            l.probe_passed(&1, now);
+            assert_eq!(l.election_changed(), None, "the contest is reported once");
+            assert!(available(&l).is_empty());
+        }
+        let t = l
+            .probe_wrong_role(&1, t0 + secs(2), "replica", "master")
+            .unwrap();
+        assert_eq!(t.to, State::Down);
+        assert_eq!(available(&l), [0], "the remaining master is up at once");
+        assert_eq!(
+            l.election_changed().unwrap().to_string(),
+            "0 is the primary"
+        );
+    }
+
+    /// A Redis failover: the replica is promoted first and rises (rise 2) before the old
+    /// master is demoted; at no probe are both available, and once the new one is, the old
+    /// one never is again.
+    #[test]
+    fn a_failover_where_the_new_rises_before_the_old_falls_never_has_two_up() {
+        let t0 = Instant::now();
+        let (old, new) = (0, 1);
+        let mut l = ListenerHealth::new(primary_policy());
+        l.set_backends([old, new], Start::Unknown);
+        l.probe_passed(&old, t0);
+        l.probe_wrong_role(&new, t0, "replica", "master");
+        assert_eq!(available(&l), [old]);
+        let mut new_was_up = false;
+        for n in 1..20u64 {
+            let now = t0 + Duration::from_millis(200 * n);
+            // Promoted at probe 3, demoted at probe 6.
+            if n >= 3 {
+                l.probe_passed(&new, now);
+            } else {
+                l.probe_wrong_role(&new, now, "replica", "master");
+            }
+            if n >= 6 {
+                l.probe_wrong_role(&old, now, "replica", "master");
+            } else {
+                l.probe_passed(&old, now);
+            }
+            let up = available(&l);
+            assert!(up.len() <= 1, "two primaries at probe {n}: {up:?}");
+            new_was_up |= up == [new];
+            assert!(
+                !(new_was_up && l.is_available(&old)),
+                "old back at probe {n}"
+            );
+        }
+        assert_eq!(available(&l), [new]);
+    }
+
+    #[test]
+    fn the_higher_timeline_wins_and_the_old_primary_is_out_in_the_same_state() {
+        let t0 = Instant::now();
+        let (old, promoted) = (0, 1);
+        let mut l = ListenerHealth::new(primary_policy());
+        l.set_backends([old, promoted], Start::Unknown);
+        l.probe_passed_on(&old, t0, Some(1));
+        l.probe_wrong_role(&promoted, t0, "standby", "primary");
+        assert_eq!(l.election_changed().unwrap().primary(), Some(&old));
+        l.probe_passed_on(&promoted, t0 + secs(1), Some(2));
+        assert_eq!(available(&l), [old], "rise 2: not yet");
+        let t = l.probe_passed_on(&promoted, t0 + secs(2), Some(2)).unwrap();
+        assert_eq!((t.from, t.to), (State::Down, State::Up));
+        assert!(l.is_available(&promoted));
+        assert!(
+            !l.is_available(&old),
+            "out in the same state that brings the new one in"
+        );
+        assert_eq!(available(&l), [promoted]);
+        let held = l.election_changed().unwrap();
+        assert_eq!(
+            held,
+            Election::Held {
+                primary: promoted,
+                outranked: vec![old]
+            }
+        );
+        assert_eq!(
+            held.to_string(),
+            "1 is the primary: its timeline is higher than that of 0"
+        );
+        l.probe_passed_on(&old, t0 + secs(3), Some(1));
+        assert_eq!(available(&l), [promoted], "the old one keeps losing");
+    }
+
+    #[test]
+    fn equal_or_unknown_timelines_fail_closed() {
+        let t0 = Instant::now();
+        for (a, b) in [(Some(2), Some(2)), (Some(2), None), (None, None)] {
+            let mut l = ListenerHealth::new(primary_policy());
+            l.set_backends([0, 1], Start::Unknown);
+            l.probe_passed_on(&0, t0, a);
+            l.probe_passed_on(&1, t0, b);
+            assert!(available(&l).is_empty(), "{a:?} {b:?}");
+            assert!(matches!(l.election(), Election::Contested { .. }));
+        }
+    }
+
+    #[test]
+    fn without_single_primary_every_up_backend_is_available() {
+        let t0 = Instant::now();
+        let mut l = listener(2, policy());
+        l.probe_passed(&0, t0);
+        l.probe_passed(&1, t0);
+        assert_eq!(available(&l), [0, 1]);
+        assert_eq!(l.election(), Election::Vacant);
+        assert_eq!(l.election_changed(), None);
     }
 }

@@ -88,6 +88,8 @@ pub enum Reason {
     Rise { passes: u32 },
     /// `failures` probes failed in a row (`fall`); `detail` is the last one's reason.
     Fall { failures: u32, detail: String },
+    /// A probe was answered with the wrong role: down at once, whatever `fall` says.
+    WrongRole { actual: String, want: String },
     /// `failures` passive failures in a row ejected the backend for `duration`.
     Ejected { failures: u32, duration: Duration },
     /// The ejection's time passed.
@@ -118,6 +120,7 @@ impl fmt::Display for Reason {
             Reason::Fall { failures, detail } => {
                 write!(f, "fall: {failures} probes failed: {detail}")
             }
+            Reason::WrongRole { actual, want } => write!(f, "role is {actual}, want {want}"),
             Reason::Ejected { failures, duration } => {
                 write!(
                     f,
@@ -188,6 +191,8 @@ pub struct Policy {
     pub flap: Option<FlapDamping>,
     /// The slow-start ramp's length; zero turns it off.
     pub slow_start: Duration,
+    /// At most one backend is available at a time (see [`crate::listener::Election`]).
+    pub single_primary: bool,
 }
 
 impl Policy {
@@ -202,6 +207,7 @@ impl Policy {
             passive,
             flap: Some(FlapDamping::default()),
             slow_start,
+            single_primary: active.is_some_and(|a| a.single_primary),
         }
     }
 }
@@ -227,6 +233,8 @@ pub struct BackendHealth {
     flap: Flap,
     /// When the backend last came back up (the start of its slow-start ramp).
     came_back_at: Option<Instant>,
+    /// The timeline the last passing probe reported (PostgreSQL primaries only).
+    timeline: Option<u64>,
 }
 
 impl BackendHealth {
@@ -246,6 +254,7 @@ impl BackendHealth {
             ejection: Ejection::default(),
             flap: Flap::default(),
             came_back_at: None,
+            timeline: None,
         };
         backend.state = backend.derive();
         backend
@@ -282,10 +291,22 @@ impl BackendHealth {
         &self.policy
     }
 
+    /// The timeline the last passing probe reported; `None` when it reported none.
+    pub fn timeline(&self) -> Option<u64> {
+        self.timeline
+    }
+
     /// A probe passed: counts toward `rise`, decides at once when it is the first, and ends a
     /// running ejection. Ignored without an active check.
     pub fn probe_passed(&mut self, now: Instant) -> Option<Transition> {
+        self.probe_passed_on(now, None)
+    }
+
+    /// A probe passed and reported the backend's `timeline` (a PostgreSQL primary's), which
+    /// decides between two backends that both claim the primary role.
+    pub fn probe_passed_on(&mut self, now: Instant, timeline: Option<u64>) -> Option<Transition> {
         let rise_fall = self.policy.active?;
+        self.timeline = timeline;
         self.failures = 0;
         self.passes = self.passes.saturating_add(1);
         let ejection_ended = self.ejection.end(now);
@@ -318,6 +339,30 @@ impl BackendHealth {
             _ => return None,
         };
         self.verdict = Verdict::Down;
+        self.settle(now, reason)
+    }
+
+    /// A probe was answered, with the wrong role (`actual`, where the check wants `want`): the
+    /// backend goes down at once, whatever `fall` says, since a wrong role is an answer, not a
+    /// missed probe. Ignored without an active check.
+    pub fn probe_wrong_role(
+        &mut self,
+        now: Instant,
+        actual: &str,
+        want: &str,
+    ) -> Option<Transition> {
+        self.policy.active?;
+        self.passes = 0;
+        self.failures = self.failures.saturating_add(1);
+        self.timeline = None;
+        if self.verdict == Verdict::Down {
+            return None;
+        }
+        self.verdict = Verdict::Down;
+        let reason = Reason::WrongRole {
+            actual: actual.to_owned(),
+            want: want.to_owned(),
+        };
         self.settle(now, reason)
     }
 
@@ -465,6 +510,7 @@ mod tests {
             passive: Some(Passive::default()),
             flap: Some(FlapDamping::default()),
             slow_start: Duration::ZERO,
+            single_primary: false,
         }
     }
 
@@ -663,6 +709,60 @@ mod tests {
             moved(b.probe_passed(t0 + secs(12))),
             (State::Down, State::Up)
         );
+    }
+
+    #[test]
+    fn a_wrong_role_takes_a_backend_down_at_once_whatever_fall_says() {
+        let t0 = Instant::now();
+        let mut b = BackendHealth::new(policy(2, 3), Start::Up);
+        let t = b.probe_wrong_role(t0, "replica", "master").unwrap();
+        assert_eq!(
+            (t.from, t.to, t.reason.clone()),
+            (
+                State::Up,
+                State::Down,
+                Reason::WrongRole {
+                    actual: "replica".to_owned(),
+                    want: "master".to_owned()
+                }
+            )
+        );
+        assert_eq!(t.to_string(), "up -> down: role is replica, want master");
+        assert_eq!(
+            b.probe_wrong_role(t0, "replica", "master"),
+            None,
+            "already down"
+        );
+        assert_eq!(
+            b.probe_passed(t0),
+            None,
+            "rise still applies on the way back"
+        );
+        assert_eq!(moved(b.probe_passed(t0)), (State::Down, State::Up));
+
+        let mut first = BackendHealth::new(policy(2, 3), Start::Unknown);
+        let t = first.probe_wrong_role(t0, "primary", "standby").unwrap();
+        assert_eq!(
+            t.to_string(),
+            "unknown -> down: role is primary, want standby"
+        );
+
+        let mut plain = BackendHealth::new(policy(2, 3), Start::Up);
+        assert_eq!(
+            plain.probe_failed(t0, "role is replica"),
+            None,
+            "a plain failure waits for fall"
+        );
+    }
+
+    #[test]
+    fn a_passing_probe_records_its_timeline_and_a_wrong_role_clears_it() {
+        let t0 = Instant::now();
+        let mut b = BackendHealth::new(policy(1, 1), Start::Unknown);
+        b.probe_passed_on(t0, Some(3));
+        assert_eq!(b.timeline(), Some(3));
+        b.probe_wrong_role(t0, "standby", "primary");
+        assert_eq!(b.timeline(), None);
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn toggling_every_probe_for_ten_minutes_stays_within_the_documented_bound() {
         passive: None,
         flap: Some(damping),
         slow_start: Duration::ZERO,
+        single_primary: false,
     };
     let span = secs(600);
     let transitions = probe_for(policy, secs(2), span, |n| n % 2 == 0);
@@ -115,6 +116,7 @@ fn toggling_as_fast_as_rise_and_fall_allow_stays_within_the_bound() {
         active: Some(RiseFall { rise: 2, fall: 3 }),
         passive: None,
         flap: Some(damping),
+        single_primary: false,
         slow_start: Duration::ZERO,
     };
     let span = secs(600);
@@ -169,6 +171,7 @@ fn random_policy(rng: &mut XorShift) -> Policy {
     Policy {
         active: rng.chance(80).then_some(rise_fall),
         passive: rng.chance(90).then_some(passive),
+        single_primary: false,
         flap: rng.chance(80).then_some(flap),
         slow_start: secs([0, 1 + rng.below(60)][rng.below(2) as usize]),
     }

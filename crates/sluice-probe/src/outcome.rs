@@ -14,6 +14,10 @@ pub enum Outcome {
     Passed {
         /// From the start of the connect to the last byte the check needed.
         latency: Duration,
+        /// The timeline a PostgreSQL primary writes on (`role: primary` checks only): between
+        /// two backends that both claim the primary role, the higher one is the later
+        /// promotion.
+        timeline: Option<u64>,
     },
     /// The backend did not, or not within the timeout.
     Failed {
@@ -32,7 +36,15 @@ impl Outcome {
     /// How long the probe took, passed or failed.
     pub fn latency(&self) -> Duration {
         match self {
-            Outcome::Passed { latency } | Outcome::Failed { latency, .. } => *latency,
+            Outcome::Passed { latency, .. } | Outcome::Failed { latency, .. } => *latency,
+        }
+    }
+
+    /// The timeline a passing PostgreSQL primary reported; `None` otherwise.
+    pub fn timeline(&self) -> Option<u64> {
+        match self {
+            Outcome::Passed { timeline, .. } => *timeline,
+            Outcome::Failed { .. } => None,
         }
     }
 

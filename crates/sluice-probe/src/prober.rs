@@ -104,7 +104,7 @@ impl Prober {
         let result = tokio::time::timeout(timeout, self.run(addr, &mut step)).await;
         let latency = start.elapsed();
         let reason = match result {
-            Ok(Ok(())) => return Outcome::Passed { latency },
+            Ok(Ok(timeline)) => return Outcome::Passed { latency, timeline },
             Ok(Err(reason)) => reason,
             Err(_elapsed) => Failure::TimedOut {
                 after: timeout,
@@ -114,14 +114,16 @@ impl Prober {
         Outcome::Failed { reason, latency }
     }
 
-    async fn run(&self, addr: SocketAddr, step: &mut Step) -> Result<(), Failure> {
-        match &self.kind {
+    /// Passes with the timeline a PostgreSQL primary reported, `None` for the other checks.
+    async fn run(&self, addr: SocketAddr, step: &mut Step) -> Result<Option<u64>, Failure> {
+        let passed = match &self.kind {
             Kind::Tcp => crate::conn::connect(addr, step).await.map(drop),
             Kind::SendExpect(check) => check.run(addr, step).await,
             Kind::Http(check) => check.run(addr, step).await,
             Kind::Redis(check) => check.run(addr, step).await,
-            Kind::Postgres(check) => check.run(addr, step).await,
-        }
+            Kind::Postgres(check) => return check.run(addr, step).await,
+        };
+        passed.map(|()| None)
     }
 }
 

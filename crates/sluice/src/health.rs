@@ -15,8 +15,8 @@ use sluice_balance::{
     RAMP_FULL, Snapshot, SnapshotCell,
 };
 use sluice_dataplane::{BackendEvent, BackendEvents, DataPlane};
-use sluice_health::{ActiveCheck, ListenerHealth, Policy, Start, State, Transition};
-use sluice_probe::{Outcome, Prober};
+use sluice_health::{ActiveCheck, Election, ListenerHealth, Policy, Start, State, Transition};
+use sluice_probe::{Failure, Outcome, Prober};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -235,8 +235,9 @@ impl Manager {
                     .iter()
                     .enumerate()
                     .map(|(i, m)| {
-                        let health = l.health.backend(&m.addr);
-                        let available = health.is_some_and(|h| h.is_available());
+                        // With single_primary, only the elected primary: the snapshot that
+                        // brings a new primary in has the old one out.
+                        let available = l.health.is_available(&m.addr);
                         let mut b = Backend::new(BackendId(i as u32), m.addr, m.weight);
                         b.ramp = l.ramp(m, now);
                         b.state = if available {
@@ -249,7 +250,14 @@ impl Manager {
                         b
                     })
                     .collect();
-                ListenerBackends::with_fallback(l.algorithm, l.on_all_down, backends)
+                // `use_all` would send writes to every backend while two claim the primary
+                // role: single_primary fails closed.
+                let on_all_down = if l.health.policy().single_primary {
+                    OnAllDown::Reject
+                } else {
+                    l.on_all_down
+                };
+                ListenerBackends::with_fallback(l.algorithm, on_all_down, backends)
             })
             .collect();
         Snapshot {
@@ -336,10 +344,14 @@ impl Manager {
                     m.probe_latency = Some(outcome.latency());
                 }
                 let transition = match outcome.failure() {
-                    None => l.health.probe_passed(&addr, now),
+                    None => l.health.probe_passed_on(&addr, now, outcome.timeline()),
+                    // A wrong role is an answer: down at once, whatever `fall` says.
+                    Some(Failure::WrongRole { actual, want }) => {
+                        l.health.probe_wrong_role(&addr, now, actual, want)
+                    }
                     Some(failure) => l.health.probe_failed(&addr, now, &failure.to_string()),
                 };
-                log_transition(&l.name, addr, transition.as_ref())
+                log_transition(&l.name, addr, transition.as_ref()) | l.log_election()
             }
             Event::Reload(resolved) => self.reload(&resolved, now),
             Event::Passive {
@@ -365,7 +377,7 @@ impl Manager {
                     }
                     BackendEvent::ConnectFailed | BackendEvent::Reset => {
                         let transition = l.health.passive_failure(&addr, now);
-                        log_transition(&l.name, addr, transition.as_ref())
+                        log_transition(&l.name, addr, transition.as_ref()) | l.log_election()
                     }
                 }
             }
@@ -424,6 +436,7 @@ impl Manager {
                 }
             }
             starts.extend(l.update_members(li, new, addrs, now));
+            l.log_election();
         }
         // Probes of removed backends stop; new backends (and every backend of a changed
         // check) get a fresh probe task.
@@ -460,6 +473,7 @@ impl Manager {
             for (addr, transition) in l.health.tick(now) {
                 changed |= log_transition(&l.name, addr, Some(&transition));
             }
+            changed |= l.log_election();
             for m in &mut l.members {
                 if m.drain_at.is_some_and(|at| at <= now) {
                     m.drain_at = None;
@@ -533,6 +547,31 @@ impl Manager {
 }
 
 impl ListenerState {
+    /// Logs a change of `single_primary` election once; true when there was one (a new
+    /// snapshot is due even when no backend changed state, as when a timeline moves).
+    fn log_election(&mut self) -> bool {
+        let Some(election) = self.health.election_changed() else {
+            return false;
+        };
+        let listener = &self.name;
+        let detail = election.to_string();
+        match &election {
+            Election::Held { primary, .. } => {
+                tracing::info!(%listener, backend = %primary, detail, "primary");
+            }
+            Election::Contested { claimants } => {
+                let backends = claimants
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tracing::warn!(%listener, backends, detail, "primary contested: failing closed");
+            }
+            Election::Vacant => tracing::warn!(%listener, detail, "no primary"),
+        }
+        true
+    }
+
     /// A member's slow-start ramp now, in thousandths of its weight.
     fn ramp(&self, m: &Member, now: Instant) -> u16 {
         self.health

@@ -32,8 +32,9 @@ pub(super) const HEALTH: Schema = Schema {
         "password_file",
         "user",
         "database",
+        "single_primary",
     ],
-    unsupported: &["username", "tls", "ca_file", "sslmode", "single_primary"],
+    unsupported: &["username", "tls", "ca_file", "sslmode"],
 };
 
 /// The check-specific keys of each check.
@@ -44,8 +45,17 @@ const CHECK_KEYS: &[(&str, &[&str])] = &[
         &["send", "send_hex", "expect", "expect_regex"],
     ),
     ("http", &["path", "host", "status", "port"]),
-    ("redis", &["role", "password_file"]),
-    ("postgres", &["role", "password_file", "user", "database"]),
+    ("redis", &["role", "password_file", "single_primary"]),
+    (
+        "postgres",
+        &[
+            "role",
+            "password_file",
+            "user",
+            "database",
+            "single_primary",
+        ],
+    ),
 ];
 
 const COMMON_KEYS: &[&str] = &["check", "interval", "timeout", "rise", "fall"];
@@ -137,13 +147,42 @@ impl Walker<'_> {
             },
             _ => Check::Tcp,
         };
+        let single_primary = self.single_primary(&fields, path, &check)?;
         Some(ActiveCheck {
             check,
             interval: interval?,
             timeout: timeout?,
             rise: rise?,
             fall: fall?,
+            single_primary,
         })
+    }
+
+    /// `single_primary`: true by default with `role: master` / `role: primary`, and only
+    /// allowed to be true there (among replicas or without a role there is no primary to keep
+    /// single); `false` is always allowed.
+    fn single_primary(&mut self, fields: &Fields, path: &str, check: &Check) -> Option<bool> {
+        let primary_role = matches!(
+            check,
+            Check::Redis {
+                role: Some(RedisRole::Master),
+                ..
+            } | Check::Postgres {
+                role: Some(PostgresRole::Primary),
+                ..
+            }
+        );
+        let Some(node) = fields.get("single_primary") else {
+            return Some(primary_role);
+        };
+        let field = format!("{path}.single_primary");
+        let value = self.boolean(node, &field)?;
+        if value && !primary_role {
+            let message = "single_primary needs role: master (redis) or role: primary (postgres)";
+            self.error(node.location, field, message);
+            return None;
+        }
+        Some(value)
     }
 
     /// Reports each key that belongs to another check than `name`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::state::{Reason, RiseFall};
 use crate::{
-    BackendHealth, FlapDamping, ListenerHealth, Passive, Policy, Start, State, Transition,
+    BackendHealth, Election, FlapDamping, ListenerHealth, Passive, Policy, Start, State, Transition,
 };
 
 fn secs(s: u64) -> Duration {
@@ -168,10 +168,11 @@ fn random_policy(rng: &mut XorShift) -> Policy {
         window: secs(5 + rng.below(60)),
         hold_max: secs(rng.below(300)),
     };
+    let active = rng.chance(80).then_some(rise_fall);
     Policy {
-        active: rng.chance(80).then_some(rise_fall),
+        active,
         passive: rng.chance(90).then_some(passive),
-        single_primary: false,
+        single_primary: active.is_some() && rng.chance(30),
         flap: rng.chance(80).then_some(flap),
         slow_start: secs([0, 1 + rng.below(60)][rng.below(2) as usize]),
     }
@@ -183,6 +184,10 @@ fn random_policy(rng: &mut XorShift) -> Policy {
 struct Coverage {
     moves: BTreeMap<(State, State), u64>,
     at_limit: u64,
+    /// Inputs after which two or more backends claimed the primary role: none elected, or one
+    /// by its timeline.
+    contested: u64,
+    outranked: u64,
 }
 
 /// One random sequence against one listener; checks the invariants after every input.
@@ -203,8 +208,19 @@ fn random_sequence(seed: u64, coverage: &mut Coverage) {
         now += Duration::from_millis(rng.below(3000));
         let key = rng.below(u64::from(backends)) as u32;
         let transitions = match rng.below(10) {
-            0..=1 => listener.probe_passed(&key, now).map(|t| vec![(key, t)]),
-            2..=3 => listener
+            0..=1 => {
+                let timeline = [None, Some(1), Some(2)][rng.below(3) as usize];
+                listener
+                    .probe_passed_on(&key, now, timeline)
+                    .map(|t| vec![(key, t)])
+            }
+            2 => listener
+                .probe_failed(&key, now, "timeout")
+                .map(|t| vec![(key, t)]),
+            3 if rng.chance(50) => listener
+                .probe_wrong_role(&key, now, "replica", "master")
+                .map(|t| vec![(key, t)]),
+            3 => listener
                 .probe_failed(&key, now, "timeout")
                 .map(|t| vec![(key, t)]),
             4..=6 => listener.passive_failure(&key, now).map(|t| vec![(key, t)]),
@@ -222,6 +238,11 @@ fn random_sequence(seed: u64, coverage: &mut Coverage) {
         check_listener(&listener, now);
         let limit = listener.ejected_max();
         coverage.at_limit += u64::from(limit > 0 && listener.ejected() == limit);
+        match listener.election() {
+            Election::Contested { .. } => coverage.contested += 1,
+            Election::Held { outranked, .. } if !outranked.is_empty() => coverage.outranked += 1,
+            _ => {}
+        }
     }
     if let Some(damping) = policy.flap {
         for transitions in log.values() {
@@ -270,7 +291,17 @@ fn check_listener(listener: &ListenerHealth<u32>, now: Instant) {
         .iter()
         .filter(|(_, b)| b.state() == State::Up)
         .count();
-    assert_eq!(available, up);
+    if listener.policy().single_primary {
+        // Never two primaries; one exactly when the election names one.
+        let primary = listener.election().primary().copied();
+        assert_eq!(
+            listener.available().copied().collect::<Vec<_>>(),
+            Vec::from_iter(primary)
+        );
+        assert!(available <= 1.min(up));
+    } else {
+        assert_eq!(available, up);
+    }
     for (_, backend) in listener.iter() {
         let weight = backend.effective_weight(100, now);
         assert!((10..=100).contains(&weight), "weight {weight}");
@@ -315,6 +346,12 @@ fn random_inputs_keep_the_invariants() {
     assert!(
         reached.is_empty(),
         "moves the design rules out: {reached:?}"
+    );
+    assert!(
+        coverage.contested > 1000 && coverage.outranked > 1000,
+        "contested {}, held by timeline {}",
+        coverage.contested,
+        coverage.outranked
     );
     assert!(
         coverage.at_limit > 1000,

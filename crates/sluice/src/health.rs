@@ -115,6 +115,8 @@ pub(crate) struct BackendView {
     /// Removed from the config by a reload (draining or drained): no health state.
     pub removed: bool,
     pub state: State,
+    /// Takes new connections: up and, with `single_primary`, the elected primary.
+    pub available: bool,
     pub ejections: u64,
     /// The slow-start share of the weight in use, in thousandths.
     pub ramp: u16,
@@ -532,6 +534,7 @@ impl Manager {
                             addr: m.addr,
                             removed: m.removed,
                             state: health.map_or(State::Up, |h| h.state()),
+                            available: !m.removed && l.health.is_available(&m.addr),
                             ejections: health.map_or(0, |h| h.ejections()),
                             ramp: l.ramp(m, now),
                             weight_effective: f64::from(m.weight) * f64::from(l.ramp(m, now))

@@ -176,7 +176,7 @@ impl MetricsView {
         self.recorder.describe_gauge(
             "sluice_backend_up".into(),
             None,
-            "1 when the backend takes new connections (its health state is up).".into(),
+            "1 when the backend takes new connections (its health state is up and, with single_primary, it is the elected primary).".into(),
         );
         self.recorder.describe_gauge(
             "sluice_backend_state".into(),
@@ -352,7 +352,7 @@ impl MetricsView {
     }
 
     fn render_health(&self, view: &BackendView, labels: &dyn Fn() -> Vec<Label>) {
-        let up = !view.removed && view.state.is_available();
+        let up = view.available;
         self.gauge("sluice_backend_up", labels())
             .set(if up { 1.0 } else { 0.0 });
         // A backend a reload removed is in no state: every member of the set is 0.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{Listener, binary, config};
 use sluice_testkit::{
-    PostgresCluster, RedisServer, Reply, Sluice, free_addr, psql_over_tcp, redis_command,
+    PostgresCluster, RedisServer, Reply, Sluice, free_addr, metric, psql_over_tcp, redis_command,
     require_installed, series, wait_metric,
 };
 
@@ -143,6 +143,16 @@ fn two_redis_masters_at_once_get_no_connection_until_one_steps_down() {
     assert_eq!(contested.len(), 1, "{}", failure("logged once".into()));
     for addr in [first.addr(), second.addr()] {
         assert!(contested[0].contains(&addr.to_string()), "{}", contested[0]);
+    }
+
+    // Both pass their own check (state up), and neither takes new connections (up 0).
+    for addr in [first.addr(), second.addr()] {
+        let backend = addr.to_string();
+        let labels = [("listener", "redis"), ("backend", backend.as_str())];
+        let up = series("sluice_backend_up", &labels);
+        assert_eq!(metric(admin, &up), 0.0, "{up}");
+        let state = [labels[0], labels[1], ("state", "up")];
+        assert_eq!(metric(admin, &series("sluice_backend_state", &state)), 1.0);
     }
 
     replica_of(&second, &first);

@@ -17,7 +17,7 @@ use sluice_balance::{
 use sluice_dataplane::{BackendEvent, BackendEvents, DataPlane};
 use sluice_health::{ActiveCheck, Election, ListenerHealth, Policy, Start, State, Transition};
 use sluice_probe::{Failure, Outcome, Prober};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::plan::Resolved;
@@ -42,8 +42,9 @@ pub(crate) enum Event {
         load: Arc<BackendLoad>,
         event: BackendEvent,
     },
-    /// SIGHUP: a config that loaded and resolved.
-    Reload(Box<Resolved>),
+    /// SIGHUP: a config that loaded and resolved, and who hears once it is applied (its
+    /// snapshot published to the workers).
+    Reload(Box<Resolved>, oneshot::Sender<()>),
 }
 
 /// The workers' side of the passive reports: a non-blocking send into the manager's queue.
@@ -136,6 +137,8 @@ pub(crate) struct Manager {
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
     probes: HashMap<(usize, SocketAddr), JoinHandle<()>>,
+    /// The reloads applied by the event in hand, answered once its snapshot is published.
+    applied: Vec<oneshot::Sender<()>>,
 }
 
 impl Manager {
@@ -182,6 +185,7 @@ impl Manager {
             tx,
             rx,
             probes: HashMap::new(),
+            applied: Vec::new(),
         };
         manager.update_view(Instant::now());
         manager
@@ -328,6 +332,9 @@ impl Manager {
                 plane.wake();
                 self.update_view(now);
             }
+            for applied in self.applied.drain(..) {
+                let _ = applied.send(());
+            }
         }
     }
 
@@ -355,7 +362,10 @@ impl Manager {
                 };
                 log_transition(&l.name, addr, transition.as_ref()) | l.log_election()
             }
-            Event::Reload(resolved) => self.reload(&resolved, now),
+            Event::Reload(resolved, applied) => {
+                self.applied.push(applied);
+                self.reload(&resolved, now)
+            }
             Event::Passive {
                 listener,
                 load,

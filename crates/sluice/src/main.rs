@@ -10,6 +10,7 @@ mod admin;
 mod health;
 mod inspect;
 mod metrics_render;
+mod notify;
 mod plan;
 mod run;
 

@@ -12,6 +12,7 @@ use sluice_dataplane::{DataPlane, StartError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::exit;
+use crate::notify::Notifier;
 use crate::plan::{self, Resolved};
 
 /// Loads, checks and resolves the config; prints errors (one per line) on failure.
@@ -175,6 +176,10 @@ impl std::fmt::Display for Written {
 
 /// `sluice run`: start the data plane, then the control plane on this thread.
 pub(crate) fn run(path: &Path) -> ExitCode {
+    // Under systemd's `Type=notify`: READY once serving, RELOADING/READY around each SIGHUP,
+    // STOPPING at the first SIGTERM/SIGINT, and STATUS lines along the way.
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("loading the config");
     // The runtime and the signal handlers come before anything slow (resolving hostnames, the
     // first probes): the default action of SIGHUP and SIGTERM is to kill the process.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -210,10 +215,13 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         "starting"
     );
     // Every backend with an active check is probed once before any listener accepts.
+    notifier.status("probing the backends once before listening");
     let probed = runtime.block_on(signals.during_start(health.probe_all_once()));
     if probed.is_none() {
+        notifier.stopping("stopped during start-up");
         return ExitCode::SUCCESS;
     }
+    notifier.status("starting the workers");
     let snapshots = Arc::new(SnapshotCell::new(
         health.snapshot(std::time::Instant::now()),
     ));
@@ -244,6 +252,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             path.to_owned(),
             reloads,
             reload_pending,
+            Arc::clone(&notifier),
         ));
         if let Some(admin) = config.admin {
             let names = config.listeners.iter().map(|l| l.name.clone()).collect();
@@ -269,7 +278,8 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             tracing::info!(listener = %listener.name, bind = %listener.bind, "listening");
         }
         tracing::info!("sluice ready");
-        wait_for_shutdown(&plane, config.shutdown_timeout, term, int).await
+        notifier.ready(&serving(config.listeners.len()));
+        wait_for_shutdown(&plane, config.shutdown_timeout, term, int, &notifier).await
     })
 }
 
@@ -320,17 +330,22 @@ impl Signals {
 /// a file that loads and resolves goes to the health manager, which applies what can change
 /// while running. A bad file changes nothing: its errors are logged (file:line:column) and the
 /// running config stays.
+///
+/// Under `Type=notify` each reload is framed by RELOADING=1 and READY=1, the latter with a
+/// STATUS that says whether it was applied or refused (and why).
 async fn reload_on_sighup(
     mut hup: Signal,
     path: std::path::PathBuf,
     reloads: tokio::sync::mpsc::Sender<crate::health::Event>,
     mut pending: bool,
+    notifier: Arc<Notifier>,
 ) {
     loop {
         if !std::mem::take(&mut pending) && hup.recv().await.is_none() {
             return;
         }
         tracing::info!(config = path.display().to_string(), "SIGHUP: reloading");
+        notifier.reloading(&format!("reloading {}", path.display()));
         let file = path.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let config = sluice_config::load(&file)?;
@@ -339,19 +354,50 @@ async fn reload_on_sighup(
         .await;
         match loaded {
             Ok(Ok(resolved)) => {
-                let event = crate::health::Event::Reload(Box::new(resolved));
-                if reloads.send(event).await.is_err() {
-                    return;
+                let (applied, done) = tokio::sync::oneshot::channel();
+                let event = crate::health::Event::Reload(Box::new(resolved), applied);
+                if reloads.send(event).await.is_err() || done.await.is_err() {
+                    return; // The manager is gone: the process is stopping.
                 }
+                notifier.ready(&format!("reload applied: serving {}", path.display()));
             }
             Ok(Err(errors)) => {
                 for error in &errors.0 {
                     tracing::error!("reload rejected, running config kept: {error}");
                 }
+                notifier.ready(&refused(&errors));
             }
-            Err(e) => tracing::error!(error = e.to_string(), "reload failed; running config kept"),
+            Err(e) => {
+                tracing::error!(error = e.to_string(), "reload failed; running config kept");
+                notifier.ready("reload failed; running config kept");
+            }
         }
     }
+}
+
+/// STATUS while serving.
+fn serving(listeners: usize) -> String {
+    format!(
+        "serving {listeners} listener{}",
+        if listeners == 1 { "" } else { "s" }
+    )
+}
+
+/// STATUS after a refused reload: the first error (file:line:column) on one line, and how many
+/// more were logged.
+fn refused(errors: &sluice_config::ConfigErrors) -> String {
+    let first = errors
+        .0
+        .first()
+        .map_or_else(|| "the file has errors".to_owned(), ToString::to_string);
+    let mut status = format!(
+        "reload refused, running config kept: {}",
+        first.replace(['\n', '\r'], " ")
+    );
+    if errors.0.len() > 1 {
+        let _ = write!(status, " (and {} more, logged)", errors.0.len() - 1);
+    }
+    status
 }
 
 /// Waits for SIGTERM/SIGINT, drains, and exits once no connection remains or at
@@ -361,13 +407,21 @@ async fn wait_for_shutdown(
     shutdown_timeout: Duration,
     mut term: Signal,
     mut int: Signal,
+    notifier: &Notifier,
 ) -> ExitCode {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
-        _ = watch_workers(plane) => return worker_died(plane).await,
+        _ = watch_workers(plane) => {
+            notifier.status("a worker stopped; exiting");
+            return worker_died(plane).await;
+        }
     }
     let open = plane.active_connections();
+    notifier.stopping(&format!(
+        "stopping: draining {open} connection(s) for at most {}",
+        Written(shutdown_timeout)
+    ));
     tracing::info!(
         open,
         shutdown_timeout = %Written(shutdown_timeout),

@@ -34,7 +34,7 @@ impl Notifier {
                 socket: Some(socket),
             },
             Err(e) => {
-                tracing::debug!(notify_socket = %name, error = %e, "cannot use NOTIFY_SOCKET; not notifying");
+                tracing::debug!(notify_socket = %name, error = e.to_string(), "cannot use NOTIFY_SOCKET; not notifying");
                 Self::none()
             }
         }
@@ -63,7 +63,10 @@ impl Notifier {
         match NotifyState::monotonic_usec_now() {
             Ok(now) => self.send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot read CLOCK_MONOTONIC; RELOADING=1 without it");
+                tracing::debug!(
+                    error = e.to_string(),
+                    "cannot read CLOCK_MONOTONIC; RELOADING=1 without it"
+                );
                 self.send(&[NotifyState::Reloading, NotifyState::Status(status)]);
             }
         }
@@ -85,7 +88,11 @@ impl Notifier {
         }
         // Non-blocking: a manager that does not read costs a debug line, never a stall.
         if let Err(e) = socket.send_to_addr(message.as_bytes(), to) {
-            tracing::debug!(error = %e, message = message.trim_end(), "notification not sent");
+            tracing::debug!(
+                error = e.to_string(),
+                message = message.trim_end(),
+                "notification not sent"
+            );
         }
     }
 }

@@ -22,6 +22,7 @@
 
 mod error;
 mod keys;
+mod log;
 mod scalar;
 mod tree;
 mod validate;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use keys::{Key, Support, known_keys};
+pub use log::{LOG_LEVELS, Log, LogFormat, log_directives};
 
 /// The largest config file accepted, in bytes. Thousands of backends fit in far less.
 pub const FILE_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -47,6 +49,8 @@ pub struct Config {
     /// How long SIGTERM/SIGINT waits for open connections before closing them
     /// (`shutdown_timeout`, default 30s; 0 closes them at once).
     pub shutdown_timeout: Duration,
+    /// Sluice's own log (`log`): read at start only; SIGHUP does not change it.
+    pub log: Log,
     /// The admin/metrics endpoint; `None` means nothing listens.
     pub admin: Option<Admin>,
     /// The listeners, in file order; at least one.

@@ -14,6 +14,7 @@ use sluice_balance::maglev;
 mod binds;
 mod health;
 mod keepalive;
+mod log;
 mod udp;
 
 use crate::tree::{Node, Value};
@@ -49,6 +50,7 @@ pub(crate) struct Schema {
 pub(crate) const SCHEMAS: &[(&str, &Schema)] = &[
     ("", &TOP),
     ("admin", &ADMIN),
+    ("log", &log::LOG),
     ("listeners[]", &LISTENER),
     ("listeners[].backends[]", &BACKEND),
     ("listeners[].timeouts", &TIMEOUTS),
@@ -60,13 +62,12 @@ pub(crate) const SCHEMAS: &[(&str, &Schema)] = &[
 ];
 
 const TOP: Schema = Schema {
-    supported: &["workers", "shutdown_timeout", "admin", "listeners"],
+    supported: &["workers", "shutdown_timeout", "log", "admin", "listeners"],
     unsupported: &[
         "config_watch",
         "io_backend",
         "forwarding",
         "shutdown_delay",
-        "log",
         "access_log",
         "resolver",
     ],
@@ -215,6 +216,7 @@ impl Walker<'_> {
         let mut config = Config {
             workers: Workers::Auto,
             shutdown_timeout: SHUTDOWN_TIMEOUT_DEFAULT,
+            log: crate::Log::default(),
             admin: None,
             listeners: Vec::new(),
         };
@@ -234,6 +236,9 @@ impl Walker<'_> {
         }
         if let Some(node) = fields.get("shutdown_timeout") {
             config.shutdown_timeout = self.duration(node, "shutdown_timeout").unwrap_or_default();
+        }
+        if let Some(node) = fields.get("log") {
+            config.log = self.log(node);
         }
         if let Some(node) = fields.get("admin") {
             config.admin = self.admin(node);

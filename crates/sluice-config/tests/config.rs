@@ -369,6 +369,7 @@ listeners:
     let expected = Config {
         workers: Workers::Auto,
         shutdown_timeout: Duration::from_secs(30),
+        log: sluice_config::Log::default(),
         admin: None,
         listeners: vec![Listener {
             name: "redis".into(),
@@ -516,12 +517,26 @@ listeners:
 type Expected = (usize, usize, &'static str, &'static str);
 
 #[test]
+fn log_level_is_written_as_the_filter_reads_it() {
+    let config = check(&format!(
+        "{GOOD}log: {{ level: \"Warning, sluice_health=DEBUG\", format: json }}\n"
+    ))
+    .unwrap();
+    assert_eq!(config.log.level, "warn,sluice_health=debug");
+    assert_eq!(config.log.format, sluice_config::LogFormat::Json);
+}
+
+#[test]
 fn bad_configs_report_position_field_and_expectation() {
     // (what, yaml, [(line, column, field, part of the message)])
     #[rustfmt::skip]
     let cases: &[(&str, String, &[Expected])] = &[
         ("unknown top-level field", format!("{GOOD}lisen: 1\n"),
-         &[(5, 1, "lisen", "unknown field \"lisen\", expected one of: workers, shutdown_timeout, admin, listeners")]),
+         &[(5, 1, "lisen", "unknown field \"lisen\", expected one of: workers, shutdown_timeout, log, admin, listeners")]),
+        ("unknown log format", format!("{GOOD}log: {{ format: xml }}\n"),
+         &[(5, 16, "log.format", "unknown value \"xml\", expected one of: text, json")]),
+        ("unknown log level", format!("{GOOD}log:\n  level: \"info,sluice=warning2\"\n"),
+         &[(6, 10, "log.level", "unknown level \"warning2\"; expected a level (off, error, warn,")]),
         ("unknown listener field and missing bind, both reported",
          "listeners:\n  - name: a\n    bnid: \"0.0.0.0:1\"\n    backends: [\"10.0.0.1:1\"]\n".into(),
          &[(2, 5, "listeners[0].bind", "missing required field"),

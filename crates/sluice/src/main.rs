@@ -80,92 +80,93 @@ fn main() -> ExitCode {
             };
         }
     };
-    match log_filter(cli.log_level.as_deref(), std::env::var("RUST_LOG")) {
-        Ok(filter) => init_logging(&filter),
+    // The log is installed once the config file is read (`run::load`), with the file's format:
+    // a JSON log is JSON from its first line. A bad flag or RUST_LOG is reported before that.
+    let level = match log_override(cli.log_level.as_deref(), std::env::var("RUST_LOG")) {
+        Ok(level) => level,
         Err(message) => {
             eprintln!("sluice: {message}");
             return ExitCode::from(exit::USAGE);
         }
-    }
+    };
+    let level = level.as_deref();
     match cli.command {
-        Command::Check(arg) => run::check(&arg.config),
-        Command::Run(arg) => run::run(&arg.config),
-        Command::Inspect(arg) => match run::load(&arg.config) {
+        Command::Check(arg) => run::check(&arg.config, level),
+        Command::Run(arg) => run::run(&arg.config, level),
+        Command::Inspect(arg) => match run::load(&arg.config, level) {
             Ok(resolved) => inspect::inspect(&resolved, &arg.config),
             Err(code) => code,
         },
     }
 }
 
-/// The level names `--log-level` and RUST_LOG accept, and the level each means.
-const LEVELS: &[(&str, &str)] = &[
-    ("off", "off"),
-    ("error", "error"),
-    ("warn", "warn"),
-    ("warning", "warn"),
-    ("info", "info"),
-    ("debug", "debug"),
-    ("trace", "trace"),
-];
-
-/// The log filter, from `--log-level`, else RUST_LOG, else `info`, checked so that a word the
-/// filter would take for a target name (`warning`, `verbose`), which turns every log line
-/// off, is a usage error instead. Each comma-separated directive is a level name or
-/// `target=level`; level names are case-insensitive and `warning` means `warn`.
-fn log_filter(
+/// The log filter from `--log-level`, else RUST_LOG; `None` when neither is set, and the
+/// config file's `log.level` applies. Checked ([`sluice_config::log_directives`]) so that a
+/// word the filter would take for a target name (`warning2`, `verbose`), which turns every
+/// log line off, is a usage error instead.
+fn log_override(
     flag: Option<&str>,
     env: Result<String, std::env::VarError>,
-) -> Result<String, String> {
+) -> Result<Option<String>, String> {
     let (source, text) = match (flag, env) {
         (Some(flag), _) => ("--log-level", flag.to_owned()),
         (None, Ok(env)) if !env.trim().is_empty() => ("RUST_LOG", env),
         (None, Err(std::env::VarError::NotUnicode(_))) => {
             return Err("RUST_LOG is not valid UTF-8".to_owned());
         }
-        (None, _) => return Ok("info".to_owned()),
+        (None, _) => return Ok(None),
     };
-    let invalid = |why: String| {
-        let names: Vec<&str> = LEVELS.iter().map(|(name, _)| *name).collect();
-        format!(
-            "{source} {text:?}: {why}; expected a level ({}) or comma-separated target=level \
-             directives, like \"info,sluice_health=debug\"",
-            names.join(", ")
-        )
-    };
-    let mut directives = Vec::new();
-    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let (target, level) = match directive.rsplit_once('=') {
-            Some((target, level)) => (Some(target.trim()), level.trim()),
-            None => (None, directive),
-        };
-        let Some((_, level)) = LEVELS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(level))
-        else {
-            return Err(invalid(format!("unknown level {level:?}")));
-        };
-        directives.push(match target {
-            Some("") => return Err(invalid(format!("no target before \"={level}\""))),
-            Some(target) => format!("{target}={level}"),
-            None => (*level).to_owned(),
-        });
-    }
-    if directives.is_empty() {
-        return Err(invalid("empty".to_owned()));
-    }
-    let filter = directives.join(",");
-    tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| invalid(e.to_string()))?;
-    Ok(filter)
+    let filter = sluice_config::log_directives(&text)
+        .and_then(|filter| checked_filter(&filter).map(|()| filter))
+        .map_err(|message| format!("{source} {text:?}: {message}"))?;
+    Ok(Some(filter))
 }
 
-/// Logs go to stderr, filtered by `filter` (checked by [`log_filter`]).
-fn init_logging(filter: &str) {
-    tracing_subscriber::fmt()
+/// The filter parser's own check, for what [`sluice_config::log_directives`] leaves to it
+/// (the target's syntax: `a[=debug`).
+fn checked_filter(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("{e}; expected comma-separated target=level directives"))
+}
+
+/// Installs the log: on stderr, filtered by `level` (from [`log_override`]) or else the file's
+/// `log.level`, in the file's `log.format`. A JSON line holds `timestamp`, `level`, `message`
+/// and the event's fields at its top level (flattened), so that `jq .listener` finds them.
+/// The format and level hold until exit: SIGHUP does not change them.
+pub(crate) fn init_logging(
+    log: &sluice_config::Log,
+    level: Option<&str>,
+    file: &std::path::Path,
+) -> Result<(), ExitCode> {
+    let filter = match level {
+        Some(level) => level,
+        None => {
+            if let Err(message) = checked_filter(&log.level) {
+                let at = log
+                    .level_location
+                    .unwrap_or(sluice_config::Location { line: 0, column: 0 });
+                eprintln!(
+                    "{}",
+                    sluice_config::ConfigError::new(file, at, "log.level", message)
+                );
+                return Err(ExitCode::from(exit::USAGE));
+            }
+            &log.level
+        }
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Another subscriber can only be there in tests that install one; theirs is kept.
+    let _ = match log.format {
+        sluice_config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        sluice_config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    Ok(())
 }
 
 /// Reports an error that ends the process. It goes to stderr directly, not through the log,
@@ -193,7 +194,7 @@ mod tests {
     use super::*;
 
     fn flag(text: &str) -> Result<String, String> {
-        log_filter(Some(text), Err(std::env::VarError::NotPresent))
+        log_override(Some(text), Err(std::env::VarError::NotPresent)).map(Option::unwrap_or_default)
     }
 
     #[test]
@@ -206,13 +207,16 @@ mod tests {
             Ok("info,sluice_health=warn")
         );
         assert_eq!(
-            log_filter(None, Err(std::env::VarError::NotPresent)).as_deref(),
-            Ok("info")
+            log_override(None, Err(std::env::VarError::NotPresent)),
+            Ok(None)
         );
-        assert_eq!(log_filter(None, Ok("debug".into())).as_deref(), Ok("debug"));
         assert_eq!(
-            log_filter(Some("error"), Ok("debug".into())).as_deref(),
-            Ok("error")
+            log_override(None, Ok("debug".into())),
+            Ok(Some("debug".to_owned()))
+        );
+        assert_eq!(
+            log_override(Some("error"), Ok("debug".into())),
+            Ok(Some("error".to_owned()))
         );
     }
 
@@ -234,7 +238,7 @@ mod tests {
                 "{message}"
             );
         }
-        let message = log_filter(None, Ok("verbose".into())).unwrap_err();
+        let message = log_override(None, Ok("verbose".into())).unwrap_err();
         assert!(
             message.starts_with("RUST_LOG \"verbose\": unknown level"),
             "{message}"

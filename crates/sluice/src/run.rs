@@ -15,12 +15,16 @@ use crate::exit;
 use crate::notify::Notifier;
 use crate::plan::{self, Resolved};
 
-/// Loads, checks and resolves the config; prints errors (one per line) on failure.
-pub(crate) fn load(path: &Path) -> Result<Resolved, ExitCode> {
+/// Loads and checks the config, installs the log it sets (`level`, from the flag or RUST_LOG,
+/// over `log.level`), then resolves it; prints errors (one per line) on failure. Config errors
+/// are plain text, since no log format is known yet; nothing is logged before the log is
+/// installed, so a JSON log is JSON from its first line.
+pub(crate) fn load(path: &Path, level: Option<&str>) -> Result<Resolved, ExitCode> {
     let config = sluice_config::load(path).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(exit::USAGE)
     })?;
+    crate::init_logging(&config.log, level, path)?;
     plan::resolve(config, path).map_err(|errors| {
         eprintln!("{errors}");
         ExitCode::from(exit::USAGE)
@@ -28,8 +32,8 @@ pub(crate) fn load(path: &Path) -> Result<Resolved, ExitCode> {
 }
 
 /// `sluice check`: validate and summarise.
-pub(crate) fn check(path: &Path) -> ExitCode {
-    let resolved = match load(path) {
+pub(crate) fn check(path: &Path, level: Option<&str>) -> ExitCode {
+    let resolved = match load(path, level) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -175,7 +179,7 @@ impl std::fmt::Display for Written {
 }
 
 /// `sluice run`: start the data plane, then the control plane on this thread.
-pub(crate) fn run(path: &Path) -> ExitCode {
+pub(crate) fn run(path: &Path, level: Option<&str>) -> ExitCode {
     // Under systemd's `Type=notify`: READY once serving, RELOADING/READY around each SIGHUP,
     // STOPPING at the first SIGTERM/SIGINT, and STATUS lines along the way.
     let notifier = Arc::new(Notifier::from_env());
@@ -199,7 +203,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
             return ExitCode::from(exit::OS_ERROR);
         }
     };
-    let resolved = match load(path) {
+    let resolved = match load(path, level) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -250,6 +254,7 @@ pub(crate) fn run(path: &Path) -> ExitCode {
         tokio::spawn(reload_on_sighup(
             hup,
             path.to_owned(),
+            config.log.clone(),
             reloads,
             reload_pending,
             Arc::clone(&notifier),
@@ -329,13 +334,14 @@ impl Signals {
 /// SIGHUP (and, when `pending`, one that came during start-up): reads the config file again;
 /// a file that loads and resolves goes to the health manager, which applies what can change
 /// while running. A bad file changes nothing: its errors are logged (file:line:column) and the
-/// running config stays.
+/// running config stays. The log (`log`, as `started`) is not changed: a new one is warned of.
 ///
 /// Under `Type=notify` each reload is framed by RELOADING=1 and READY=1, the latter with a
 /// STATUS that says whether it was applied or refused (and why).
 async fn reload_on_sighup(
     mut hup: Signal,
     path: std::path::PathBuf,
+    started: sluice_config::Log,
     reloads: tokio::sync::mpsc::Sender<crate::health::Event>,
     mut pending: bool,
     notifier: Arc<Notifier>,
@@ -354,6 +360,12 @@ async fn reload_on_sighup(
         .await;
         match loaded {
             Ok(Ok(resolved)) => {
+                let log = &resolved.config.log;
+                if (&log.level, log.format) != (&started.level, started.format) {
+                    tracing::warn!(
+                        "reload: log.level and log.format change only at a restart; kept as running"
+                    );
+                }
                 let (applied, done) = tokio::sync::oneshot::channel();
                 let event = crate::health::Event::Reload(Box::new(resolved), applied);
                 if reloads.send(event).await.is_err() || done.await.is_err() {

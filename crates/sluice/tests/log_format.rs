@@ -118,18 +118,21 @@ fn json_format_makes_every_line_a_json_object() {
 }
 
 #[test]
-fn text_format_is_the_default_and_quotes_values_with_spaces() {
+fn text_format_is_the_default_and_names_fields_bare() {
     let echo = EchoServer::echo();
-    let (config, bind) = config_with_log("log: { format: text }", &echo);
-    let stderr = run_once(&config, bind, &[], &[]);
-    let listening = stderr
-        .lines()
-        .find(|l| l.contains("listening"))
-        .unwrap_or_else(|| panic!("no listening line:\n{stderr}"));
-    assert!(
-        !listening.starts_with('{') && listening.contains("listener=front"),
-        "{listening}"
-    );
+    // Without `log:` (the default) and with `format: text` written out.
+    for log_line in ["shutdown_timeout: 30s", "log: { format: text }"] {
+        let (config, bind) = config_with_log(log_line, &echo);
+        let stderr = run_once(&config, bind, &[], &[]);
+        let listening = stderr
+            .lines()
+            .find(|l| l.contains("listening"))
+            .unwrap_or_else(|| panic!("{log_line}: no listening line:\n{stderr}"));
+        assert!(
+            !listening.starts_with('{') && listening.contains("listener=front"),
+            "{log_line}: {listening}"
+        );
+    }
 }
 
 #[test]

@@ -767,20 +767,23 @@ fn user_text_cannot_break_the_one_error_per_line_display() {
     assert_eq!(errors.to_string().lines().count(), 1, "{errors}");
 }
 
+/// A "billion laughs" document: `levels` anchors, each a list of nine aliases of the one
+/// before (9^levels strings in all), and `listeners` aliasing the last.
+fn alias_bomb(levels: usize) -> String {
+    let names: Vec<char> = ('a'..='z').take(levels).collect();
+    let mut yaml = format!("a: &a [{}]\n", ["\"lol\""; 9].join(","));
+    for pair in names.windows(2) {
+        let (before, name) = (pair[0], pair[1]);
+        let aliases = vec![format!("*{before}"); 9].join(",");
+        yaml.push_str(&format!("{name}: &{name} [{aliases}]\n"));
+    }
+    yaml.push_str(&format!("listeners: *{}\n", names[levels - 1]));
+    yaml
+}
+
 #[test]
 fn alias_bomb_is_rejected_quickly() {
-    let bomb = "\
-a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
-listeners: *i
-";
+    let bomb = &alias_bomb(9);
     let start = Instant::now();
     let errors = check(bomb).unwrap_err();
     // A generous bound that still catches an expansion of 9^9 nodes.
@@ -833,15 +836,7 @@ fn binds_the_start_would_refuse_are_errors_at_their_position() {
 /// says it in the words of the file instead.
 #[test]
 fn alias_bomb_message_is_in_config_words() {
-    let bomb = "\
-a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-listeners: *f
-";
+    let bomb = &alias_bomb(6);
     let errors = check(bomb).unwrap_err();
     assert_eq!(
         errors.0[0].message,

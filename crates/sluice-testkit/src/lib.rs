@@ -68,7 +68,9 @@ pub use process::{
     CommandOutput, ConfigFile, READY_MARKER, READY_TIMEOUT, Sluice, StartError, check_config,
     fd_limit_wrapper, fd_limits, run_config_command, run_with_timeout,
 };
-pub use redis::{RedisServer, Reply, read_reply, redis_command, require_installed, write_command};
+pub use redis::{
+    RedisServer, Reply, read_reply, redis_command, require_installed, run_id, write_command,
+};
 pub use slow::{Pusher, SlowBackend, SlowReader};
 pub use tcp::{reset, send_queue, wait_acknowledged};
 pub use tier::{figure, slow_tier, tiered};

@@ -70,6 +70,13 @@ impl RedisServer {
         redis_command(&stream, args)
     }
 
+    /// Its `run_id` (`INFO server`), asked directly: what tells one server from another when a
+    /// client asks the one Sluice connected it to ([`run_id`]).
+    pub fn run_id(&self) -> String {
+        let info = self.command(&["INFO", "server"]).expect("INFO server");
+        run_id(&info).unwrap_or_else(|e| panic!("{}: {e}", self.addr))
+    }
+
     /// Its log file so far, for a failing test's message.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
@@ -281,6 +288,17 @@ fn invalid(message: String) -> io::Error {
 
 fn is_file(path: &Path) -> bool {
     path.metadata().is_ok_and(|m| m.is_file())
+}
+
+/// The `run_id` line of an `INFO server` reply.
+pub fn run_id(info: &Reply) -> Result<String, String> {
+    info.text()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_owned())
+        })
+        .ok_or_else(|| format!("no run_id in {info:?}"))
 }
 
 #[cfg(test)]

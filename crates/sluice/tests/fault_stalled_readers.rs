@@ -66,6 +66,14 @@ const FD_RESERVE: u64 = 2048;
 /// The scenarios hold a gigabyte of kernel socket memory each: one at a time.
 static ONE_CROWD_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// `n` clients connected through `front` (small buffers), once the backend holds every one of
+/// them (`reached` counts what it holds).
+fn connect_crowd(front: SocketAddr, n: usize, reached: impl Fn() -> usize) -> Vec<TcpStream> {
+    let clients: Vec<TcpStream> = (0..n).map(|_| connect_small(front)).collect();
+    wait_for("every client to reach the backend", || reached() >= n);
+    clients
+}
+
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     ONE_CROWD_AT_A_TIME
         .lock()
@@ -355,12 +363,7 @@ fn backends_that_never_read() {
     let backend = HoldingBackend::start();
     let instance = Instance::start(backend.addr);
     let started = Instant::now();
-    let clients: Vec<TcpStream> = (0..CROWD)
-        .map(|_| connect_small(instance.stalled_front))
-        .collect();
-    wait_for("every client to reach the backend", || {
-        backend.accepted() >= CROWD
-    });
+    let clients = connect_crowd(instance.stalled_front, CROWD, || backend.accepted());
     let pushed = push_all(&clients, PUSH);
     check_new_connection(
         "backends that never read, clients pushing, 1 worker",
@@ -380,12 +383,7 @@ fn clients_that_never_read() {
     let backend = HoldingBackend::start();
     let instance = Instance::start(backend.addr);
     let started = Instant::now();
-    let clients: Vec<TcpStream> = (0..CROWD)
-        .map(|_| connect_small(instance.stalled_front))
-        .collect();
-    wait_for("every client to reach the backend", || {
-        backend.accepted() >= CROWD
-    });
+    let clients = connect_crowd(instance.stalled_front, CROWD, || backend.accepted());
     let streams = backend.take();
     let pushed = push_all(&streams, PUSH);
     check_new_connection(
@@ -406,12 +404,7 @@ fn stalled_sinks_leave_the_pipes_to_others() {
     let backend = SlowBackend::start(NEVER_READ, NEVER_TICK);
     let instance = Instance::start(backend.addr());
     let started = Instant::now();
-    let clients: Vec<TcpStream> = (0..PIPE_CROWD)
-        .map(|_| connect_small(instance.stalled_front))
-        .collect();
-    wait_for("every client to reach the backend", || {
-        backend.connections() >= PIPE_CROWD
-    });
+    let clients = connect_crowd(instance.stalled_front, PIPE_CROWD, || backend.connections());
     let pushed = push_all(&clients, PIPE_PUSH);
     instance.wait_settled();
     let held = instance.metric("sluice_pipes_leased");

@@ -20,7 +20,7 @@ use common::{Listener, binary, config};
 use sluice_health::FlapDamping;
 use sluice_testkit::{
     Behavior, EchoServer, RedisServer, Reply, Sluice, StreamEnd, free_addr, metric, read_to_end,
-    redis_command, refusing_addr, require_installed, scrape_metrics, series, wait_metric,
+    redis_command, refusing_addr, require_installed, run_id, scrape_metrics, series, wait_metric,
 };
 
 with_workers_1_and_2!(
@@ -455,22 +455,6 @@ fn role_and_run_id(proxy: SocketAddr) -> Result<(String, String), String> {
     Ok((role, run_id(&info)?))
 }
 
-fn run_id(info: &Reply) -> Result<String, String> {
-    info.text()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("run_id:"))
-                .map(|id| id.trim().to_owned())
-        })
-        .ok_or_else(|| format!("no run_id in {info:?}"))
-}
-
-/// The `run_id` of a server, asked directly.
-fn direct_run_id(server: &RedisServer) -> String {
-    let info = server.command(&["INFO", "server"]).expect("INFO server");
-    run_id(&info).unwrap()
-}
-
 /// Two redis-servers, the second a replica of the first, behind `role: master`: every
 /// connection reaches the master. Promote the replica and demote the master: within a few
 /// intervals every new connection reaches the new master, which holds what was written
@@ -479,7 +463,7 @@ fn redis_role_master_follows_a_failover(workers: usize) {
     require_installed(&["redis-server"]);
     let first = RedisServer::start();
     let second = RedisServer::start_replica_of(first.addr());
-    let (first_id, second_id) = (direct_run_id(&first), direct_run_id(&second));
+    let (first_id, second_id) = (first.run_id(), second.run_id());
     let listener = Listener::new("redis", &[first.addr(), second.addr()]).with(
         "health: { check: redis, role: master, interval: 200ms, timeout: 500ms, rise: 1, fall: 1 }",
     );

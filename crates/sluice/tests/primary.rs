@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use common::{Listener, binary, config};
 use sluice_testkit::{
     PostgresCluster, RedisServer, Reply, Sluice, free_addr, metric, psql_over_tcp, redis_command,
-    require_installed, series, wait_metric,
+    require_installed, run_id, series, wait_metric,
 };
 
 /// How long one client connection may take, connect to last byte.
@@ -43,20 +43,6 @@ fn served_by(proxy: SocketAddr) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let info = redis_command(&stream, &["INFO", "server"]).map_err(|e| format!("INFO: {e}"))?;
     run_id(&info)
-}
-
-fn run_id(info: &Reply) -> Result<String, String> {
-    info.text()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("run_id:"))
-                .map(|id| id.trim().to_owned())
-        })
-        .ok_or_else(|| format!("no run_id in {info:?}"))
-}
-
-fn direct_run_id(server: &RedisServer) -> String {
-    run_id(&server.command(&["INFO", "server"]).expect("INFO server")).unwrap()
 }
 
 /// Makes `server` a replica of `master`.
@@ -107,7 +93,7 @@ fn two_redis_masters_at_once_get_no_connection_until_one_steps_down() {
     require_installed(&["redis-server"]);
     let first = RedisServer::start();
     let second = RedisServer::start();
-    let first_id = direct_run_id(&first);
+    let first_id = first.run_id();
     let listener = Listener::new("redis", &[first.addr(), second.addr()]).with(REDIS_HEALTH);
     let proxy = listener.bind;
     let admin = free_addr();
@@ -172,7 +158,7 @@ fn a_redis_failover_never_alternates_between_the_old_and_the_new_master() {
     require_installed(&["redis-server"]);
     let old = RedisServer::start();
     let new = RedisServer::start_replica_of(old.addr());
-    let (old_id, new_id) = (direct_run_id(&old), direct_run_id(&new));
+    let (old_id, new_id) = (old.run_id(), new.run_id());
     let listener = Listener::new("redis", &[old.addr(), new.addr()]).with(REDIS_HEALTH);
     let proxy = listener.bind;
     let sluice = Sluice::start(binary(), &config(2, None, &[], &[listener]));

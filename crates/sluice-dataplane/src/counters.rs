@@ -164,6 +164,9 @@ pub struct WorkerCounters {
     pub bytes_spliced: Counter,
     /// Pipes the kernel made smaller than asked (fs.pipe-user-pages-soft): copied instead.
     pub pipes_shrunk: Counter,
+    /// Chunks moved out of the buffer pool into a connection's spill: their direction was
+    /// stalled behind a peer that does not read while the pool ran low.
+    pub chunks_spilled: Counter,
 }
 
 impl WorkerCounters {
@@ -177,6 +180,7 @@ impl WorkerCounters {
             pipes_leased: Counter::default(),
             bytes_spliced: Counter::default(),
             pipes_shrunk: Counter::default(),
+            chunks_spilled: Counter::default(),
         }
     }
 }

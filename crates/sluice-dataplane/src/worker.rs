@@ -634,7 +634,12 @@ impl Worker {
             n if -n == libc::EAGAIN || -n == libc::EINTR => SendOutcome::Sent(0),
             _ => SendOutcome::Reset,
         };
-        let Worker { ring, slots, .. } = self;
+        let Worker {
+            ring,
+            slots,
+            counters,
+            ..
+        } = self;
         let slot = slots[index as usize]
             .as_mut()
             .expect("completion of a live slot");
@@ -643,8 +648,9 @@ impl Worker {
         if std::mem::take(&mut slot.stopping[dir]) {
             // `reclaim_buffers` cancelled this send: what it did not write moves to the spill.
             let spill = &mut slot.spill;
-            slot.conn
-                .handle_sent_rehomed(to, outcome, now, |chunk| spill_chunk(ring, spill, chunk));
+            slot.conn.handle_sent_rehomed(to, outcome, now, |chunk| {
+                spill_chunk(ring, counters, spill, chunk)
+            });
         } else {
             slot.conn.handle_sent(to, outcome, now);
         }
@@ -1058,7 +1064,12 @@ impl Worker {
         }
         self.reclaim_at = Some(now + RECLAIM_EVERY);
         let mut moved = Vec::new();
-        let Worker { ring, slots, .. } = self;
+        let Worker {
+            ring,
+            slots,
+            counters,
+            ..
+        } = self;
         for (index, slot) in slots.iter_mut().enumerate() {
             let Some(slot) = slot.as_mut().filter(|s| s.closing.is_none()) else {
                 continue;
@@ -1082,7 +1093,7 @@ impl Worker {
                 } else {
                     let (spill, mut any) = (&mut slot.spill, false);
                     slot.conn.rehome(dir, |chunk| {
-                        let spilled = spill_chunk(ring, spill, chunk);
+                        let spilled = spill_chunk(ring, counters, spill, chunk);
                         any |= spilled.is_some();
                         spilled
                     });
@@ -1569,7 +1580,12 @@ impl std::fmt::Display for DisplayAddr {
 
 /// The answer to `Conn::rehome` for a stalled direction: a pool chunk's unsent bytes are copied
 /// to the connection's spill (its buffer then goes back to the pool); other chunks stay.
-fn spill_chunk(ring: &Uring, spill: &mut Spill, chunk: Chunk<Buf>) -> Option<(Buf, u32)> {
+fn spill_chunk(
+    ring: &Uring,
+    counters: &WorkerCounters,
+    spill: &mut Spill,
+    chunk: Chunk<Buf>,
+) -> Option<(Buf, u32)> {
     let Buf::Pool(buf) = chunk.buf else {
         return None;
     };
@@ -1577,7 +1593,9 @@ fn spill_chunk(ring: &Uring, spill: &mut Spill, chunk: Chunk<Buf>) -> Option<(Bu
     if bytes.len() != chunk.len as usize {
         return None;
     }
-    Some((Buf::Spill(spill.store(bytes)?), 0))
+    let id = spill.store(bytes)?;
+    counters.chunks_spilled.add(1);
+    Some((Buf::Spill(id), 0))
 }
 
 fn side_fd(slot: &Slot, side: Side) -> RawFd {

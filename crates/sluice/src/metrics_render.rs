@@ -124,6 +124,12 @@ impl MetricsView {
             None,
             "Receives that found the worker's buffer pool empty and waited.",
         );
+        d(
+            "sluice_chunks_spilled_total",
+            None,
+            "Chunks of directions stalled behind peers that do not read, moved out of the buffer \
+             pool (running low) to their connection's spill on the heap.",
+        );
         self.recorder.describe_gauge(
             "sluice_snapshot_generation".into(),
             None,
@@ -229,6 +235,8 @@ impl MetricsView {
             .absolute(total(&|w| w.pipes_shrunk.get()));
         self.counter("sluice_buffer_waits_total", vec![])
             .absolute(total(&|w| w.buffer_waits.get()));
+        self.counter("sluice_chunks_spilled_total", vec![])
+            .absolute(total(&|w| w.chunks_spilled.get()));
         for (wi, worker) in workers.iter().enumerate() {
             let accepted = worker.listeners.iter().map(|l| l.accepted.get()).sum();
             self.counter(

@@ -326,6 +326,7 @@ fn check_new_connection(fault: &str, instance: &Instance, pushed: u64, started: 
     instance.wait_settled();
     let pipes = instance.metric("sluice_pipes_leased");
     let waits = instance.metric("sluice_buffer_waits_total");
+    let spilled = instance.metric("sluice_chunks_spilled_total");
     let pages = tcp_memory_pages();
     let rss_mib = instance.sluice.rss_kib() / 1024;
     let served = instance.serve_new();
@@ -335,7 +336,7 @@ fn check_new_connection(fault: &str, instance: &Instance, pushed: u64, started: 
         &format!(
             "{CROWD} stalled connections ({} MiB pushed, set up in {:.1} s, TCP memory {} MiB): \
              new connection {}; Sluice RSS {rss_mib} MiB, {pipes} pipes leased, {waits} \
-             receives waited for buffers",
+             receives waited for buffers, {spilled} chunks spilled",
             pushed >> 20,
             started.elapsed().as_secs_f64(),
             pages * 4 / 1024,
@@ -348,6 +349,11 @@ fn check_new_connection(fault: &str, instance: &Instance, pushed: u64, started: 
     let took = served.unwrap_or_else(|error| {
         panic!("a new connection beside {CROWD} stalled ones was not served: {error}")
     });
+    // The crowd is sized to exhaust the pool: served, it was served by the spill.
+    assert!(
+        spilled > 0.0,
+        "no chunk was spilled: the crowd no longer runs the pool low"
+    );
     assert!(
         took <= SERVED_WITHIN,
         "a new connection beside {CROWD} stalled ones took {took:?} to echo {ECHO_BYTES} bytes"

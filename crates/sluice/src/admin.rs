@@ -58,6 +58,8 @@ pub(crate) async fn serve(
                     }
                     Err(_) => {
                         drop(stream);
+                        view.admin_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if at_cap.due() {
                             tracing::warn!(
                                 max_connections,

@@ -30,6 +30,9 @@ pub(crate) struct MetricsView {
     listeners: Vec<String>,
     /// Per listener: whether it is a udp listener (its session metrics are rendered).
     udp: Vec<bool>,
+    /// Admin connections closed at once because `admin.max_connections` were open (written by
+    /// the admin endpoint, on the control plane's thread).
+    pub(crate) admin_refused: std::sync::atomic::AtomicU64,
 }
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
@@ -52,6 +55,7 @@ impl MetricsView {
             handle,
             listeners,
             udp,
+            admin_refused: std::sync::atomic::AtomicU64::new(0),
         };
         view.describe();
         view
@@ -123,6 +127,11 @@ impl MetricsView {
             "sluice_buffer_waits_total",
             None,
             "Receives that found the worker's buffer pool empty and waited.",
+        );
+        d(
+            "sluice_admin_connections_refused_total",
+            None,
+            "Admin connections closed at once because admin.max_connections were open.",
         );
         d(
             "sluice_chunks_spilled_total",
@@ -237,6 +246,11 @@ impl MetricsView {
             .absolute(total(&|w| w.buffer_waits.get()));
         self.counter("sluice_chunks_spilled_total", vec![])
             .absolute(total(&|w| w.chunks_spilled.get()));
+        self.counter("sluice_admin_connections_refused_total", vec![])
+            .absolute(
+                self.admin_refused
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
         for (wi, worker) in workers.iter().enumerate() {
             let accepted = worker.listeners.iter().map(|l| l.accepted.get()).sum();
             self.counter(

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::{Listener, binary, config};
 use sluice_testkit::{
     CONNECT_TIMEOUT, EchoServer, READY_TIMEOUT, Sluice, StreamEnd, assert_echo, fd_limit_wrapper,
-    fd_limits, figure, free_addr, http_get, raise_fd_limit, scrape_metrics, verify_echo,
+    fd_limits, figure, free_addr, http_get, metric, raise_fd_limit, scrape_metrics, verify_echo,
     watch_ends,
 };
 
@@ -400,6 +400,12 @@ fn admin_max_connections_is_the_cap() {
         }
     };
     assert_eq!((answered.status, answered.body.as_str()), (200, "ok\n"));
+    // The third connection and the /healthz tried over the cap were counted.
+    let refused = metric(admin, "sluice_admin_connections_refused_total");
+    assert!(
+        refused >= 2.0,
+        "{refused} admin connections counted as refused"
+    );
     drop((second, third));
     let fds = sluice.wait_fd_count_at_most(baseline, Instant::now() + CLOSE_SLACK);
     assert!(fds <= baseline, "fds {fds}, baseline {baseline}");

@@ -4,7 +4,7 @@
 //! publishes a new snapshot whenever who may take new connections (or a slow-start weight)
 //! changes. Probes never run on a worker's ring.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -236,14 +236,15 @@ impl Manager {
             .listeners
             .iter()
             .map(|l| {
+                // With single_primary, only the elected primary: the snapshot that brings a new
+                // primary in has the old one out. One election per listener, not per backend.
+                let up: HashSet<SocketAddr> = l.health.available().copied().collect();
                 let backends = l
                     .members
                     .iter()
                     .enumerate()
                     .map(|(i, m)| {
-                        // With single_primary, only the elected primary: the snapshot that
-                        // brings a new primary in has the old one out.
-                        let available = l.health.is_available(&m.addr);
+                        let available = up.contains(&m.addr);
                         let mut b = Backend::new(BackendId(i as u32), m.addr, m.weight);
                         b.ramp = l.ramp(m, now);
                         b.state = if available {
@@ -536,6 +537,7 @@ impl Manager {
             .listeners
             .iter()
             .map(|l| {
+                let up: HashSet<SocketAddr> = l.health.available().copied().collect();
                 l.members
                     .iter()
                     .map(|m| {
@@ -544,7 +546,7 @@ impl Manager {
                             addr: m.addr,
                             removed: m.removed,
                             state: health.map_or(State::Up, |h| h.state()),
-                            available: !m.removed && l.health.is_available(&m.addr),
+                            available: !m.removed && up.contains(&m.addr),
                             ejections: health.map_or(0, |h| h.ejections()),
                             ramp: l.ramp(m, now),
                             weight_effective: f64::from(m.weight) * f64::from(l.ramp(m, now))

@@ -362,26 +362,29 @@ fn check_new_connection(fault: &str, instance: &Instance, pushed: u64, started: 
 
 #[test]
 fn backends_that_never_read() {
-    let _turn = one_at_a_time();
-    if !enough_fds() {
-        return;
-    }
-    let backend = HoldingBackend::start();
-    let instance = Instance::start(backend.addr);
-    let started = Instant::now();
-    let clients = connect_crowd(instance.stalled_front, CROWD, || backend.accepted());
-    let pushed = push_all(&clients, PUSH);
-    check_new_connection(
+    stalled_crowd(
         "backends that never read, clients pushing, 1 worker",
-        &instance,
-        pushed,
-        started,
+        Pushing::Clients,
     );
-    instance.close_crowd(clients.into_iter().chain(backend.take()));
 }
 
 #[test]
 fn clients_that_never_read() {
+    stalled_crowd(
+        "clients that never read, backends pushing, 1 worker",
+        Pushing::Backends,
+    );
+}
+
+/// Which side of the crowd pushes; the other never reads.
+enum Pushing {
+    Clients,
+    Backends,
+}
+
+/// `CROWD` connections whose one side pushes `PUSH` into the other, which never reads; then a
+/// new connection must be served at once.
+fn stalled_crowd(fault: &str, pushing: Pushing) {
     let _turn = one_at_a_time();
     if !enough_fds() {
         return;
@@ -391,13 +394,11 @@ fn clients_that_never_read() {
     let started = Instant::now();
     let clients = connect_crowd(instance.stalled_front, CROWD, || backend.accepted());
     let streams = backend.take();
-    let pushed = push_all(&streams, PUSH);
-    check_new_connection(
-        "clients that never read, backends pushing, 1 worker",
-        &instance,
-        pushed,
-        started,
-    );
+    let pushed = match pushing {
+        Pushing::Clients => push_all(&clients, PUSH),
+        Pushing::Backends => push_all(&streams, PUSH),
+    };
+    check_new_connection(fault, &instance, pushed, started);
     instance.close_crowd(clients.into_iter().chain(streams));
 }
 

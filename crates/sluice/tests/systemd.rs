@@ -175,13 +175,7 @@ fn ready_reloading_and_stopping_reach_the_notify_socket() {
     sluice.signal(Signal::SIGTERM);
     let (stopping, _) = until(&socket, &sluice, "STOPPING");
     assert_eq!(field(&stopping, "STOPPING"), Some("1"));
-    let status = sluice.wait_exit(Duration::from_secs(5));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        sluice.stderr_text()
-    );
+    assert_exits_zero(&mut sluice);
 }
 
 /// `NOTIFY_SOCKET` may name an abstract socket (`@name`), as sd_notify(3) allows.
@@ -198,6 +192,11 @@ fn an_abstract_notify_socket_is_used() {
     assert_echo(listener.bind, 1024, 1, Duration::from_secs(5));
     sluice.signal(Signal::SIGTERM);
     until(&socket, &sluice, "STOPPING");
+    assert_exits_zero(&mut sluice);
+}
+
+/// Sluice exits with status 0 within 5 s (after SIGTERM).
+fn assert_exits_zero(sluice: &mut Sluice) {
     let status = sluice.wait_exit(Duration::from_secs(5));
     assert_eq!(
         status.and_then(|s| s.code()),
